@@ -18,7 +18,11 @@ def tiny_model(seed: int = 0, attn_implementation: str = "sdpa", **overrides) ->
 
 def image_span(token_id: int, config: EmmaConfig, height: int, width: int) -> list[int]:
     """Vision start, one placeholder per 32x32 cell, vision end."""
-    return [config.vision_start_token_id, *[token_id] * config.num_image_tokens(height, width), config.vision_end_token_id]
+    return [
+        config.vision_start_token_id,
+        *[token_id] * config.num_image_tokens(height, width),
+        config.vision_end_token_id,
+    ]
 
 
 def random_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -37,7 +41,13 @@ def mixed_batch(config: EmmaConfig, size: int = 64) -> dict:
     question = [11, 12, *image_span(config.image_token_id, config, size, size), 13, 14, 15, 16, 17]
     question_labels = [-100] * (len(question) - 3) + question[-3:]
     t2i = [21, 22, 23, *image_span(config.gen_token_id, config, size, size)]
-    edit = [31, *image_span(config.image_token_id, config, size, size), 32, 33, *image_span(config.gen_token_id, config, size, size)]
+    edit = [
+        31,
+        *image_span(config.image_token_id, config, size, size),
+        32,
+        33,
+        *image_span(config.gen_token_id, config, size, size),
+    ]
     rows = [question, t2i, edit]
     length = max(len(row) for row in rows)
     input_ids = torch.zeros(len(rows), length, dtype=torch.long)

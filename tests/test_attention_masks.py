@@ -18,9 +18,7 @@ def edit_then_text(config, size=64):
 
 def run(model, input_ids, noisy_latents, timesteps=0.4, **kwargs):
     with torch.no_grad():
-        return model(
-            input_ids=input_ids, noisy_latents=noisy_latents, timesteps=torch.tensor([timesteps]), **kwargs
-        )
+        return model(input_ids=input_ids, noisy_latents=noisy_latents, timesteps=torch.tensor([timesteps]), **kwargs)
 
 
 @pytest.mark.parametrize("attn_implementation", IMPLEMENTATIONS)

@@ -1,0 +1,83 @@
+"""One optimiser step on a mixed batch trains both streams and leaves the DC-AE alone."""
+
+import torch
+from builders import mixed_batch, tiny_model
+
+
+def test_mixed_batch_step_trains_both_streams_not_the_vae():
+    model = tiny_model(vision_router_mode="soft").train()
+    batch = mixed_batch(model.config)
+    vae_before = {name: p.clone() for name, p in model.model.vae.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    output = model(**batch)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.ce_loss) and torch.isfinite(output.fm_loss)
+    assert torch.allclose(output.loss, output.ce_loss + output.fm_loss)
+    output.loss.backward()
+
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert not any(name.startswith("model.vae.") for name in trainable)
+    without_gradient = [name for name, p in trainable.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert without_gradient == []
+    assert any(".gen." in name for name in trainable) and any(".mlp.experts.1." in name for name in trainable)
+    assert all(p.grad is None for p in model.model.vae.parameters())
+
+    optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.equal(p, vae_before[name]) for name, p in model.model.vae.named_parameters())
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+
+
+def test_loss_weights_and_labels_on_placeholders():
+    model = tiny_model(ce_weight=0.25, fm_weight=2.0)
+    batch = mixed_batch(model.config)
+    with torch.no_grad():
+        output = model(**batch)
+        assert torch.allclose(output.loss, 0.25 * output.ce_loss + 2.0 * output.fm_loss)
+        # Labelling placeholders is the same as ignoring them: they are never next-token targets.
+        labels_on_everything = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        placeholder = (labels_on_everything == model.config.image_token_id) | (
+            labels_on_everything == model.config.gen_token_id
+        )
+        with_placeholders = model(**{**batch, "labels": labels_on_everything}).ce_loss
+        without = model(**{**batch, "labels": labels_on_everything.masked_fill(placeholder, -100)}).ce_loss
+    assert torch.equal(with_placeholders, without)
+
+
+def test_flow_matching_target_is_noise_minus_x0():
+    model = tiny_model()
+    batch = mixed_batch(model.config)
+    with torch.no_grad():
+        output = model(**batch)
+        x0, noise, t = batch["target_latents"], batch["noise"], batch["timesteps"]
+        noisy = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        direct = model(**{k: v for k, v in batch.items() if k not in ("target_latents", "noise")}, noisy_latents=noisy)
+    target = torch.cat([(n - x).flatten(1).T for x, n in zip(x0, noise)])
+    assert torch.allclose(output.velocity, direct.velocity, atol=1e-6)
+    assert torch.allclose(output.fm_loss, torch.nn.functional.mse_loss(direct.velocity, target), atol=1e-6)
+
+
+def test_sampled_timesteps_follow_the_resolution_shift():
+    model = tiny_model()
+    torch.manual_seed(0)
+    small = model.sample_timesteps([256] * 4000)
+    large = model.sample_timesteps([4096] * 4000)
+    assert bool(((small > 0) & (small < 1)).all()) and bool(((large > 0) & (large < 1)).all())
+    assert large.median() > small.median() > 0.5
+    assert abs(model.config.flow_shift_for(4096) - torch.tensor(1.15).exp().item()) < 1e-6
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = mixed_batch(tiny_model().config)
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model(vision_router_mode="soft").train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+        model(**batch).loss.backward()
+        gradients.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, gradient in gradients[0].items():
+        assert torch.allclose(gradient, gradients[1][name], atol=1e-6), name

@@ -190,9 +190,12 @@ def emma_position_ids(
     """RoPE indices of a whole prompt, following EMMA's image rule (see [`rope_position_ids`])."""
     segment_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
     _, _, block_ids = find_image_blocks(input_ids, config)
-    previous_block = F.pad(block_ids[:, :-1], (1, 0), value=-1)
-    advances = (block_ids < 0) | (block_ids != previous_block)
-    return rope_position_ids(segment_ids, advances)
+    return rope_position_ids(segment_ids, advances_position(block_ids))
+
+
+def advances_position(block_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens that move the RoPE index on: every text token and the first token of each image."""
+    return (block_ids < 0) | (block_ids != F.pad(block_ids[:, :-1], (1, 0), value=-1))
 
 
 def build_attention_mask(
@@ -749,8 +752,7 @@ class EmmaModel(EmmaPreTrainedModel):
         if position_ids is None:
             if past_length:
                 raise ValueError("position_ids are required when continuing from a cache (generate() passes them)")
-            previous_block = F.pad(block_ids[:, :-1], (1, 0), value=-1)
-            position_ids = rope_position_ids(key_segment_ids, (block_ids < 0) | (block_ids != previous_block))
+            position_ids = rope_position_ids(key_segment_ids, advances_position(block_ids))
 
         plain_causal = (
             self.config.text_config._attn_implementation == "sdpa"

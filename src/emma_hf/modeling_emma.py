@@ -124,6 +124,13 @@ class TokenStreams:
             self.und_index, self.gen_index = order[:num_und], order[num_und:]
             self.inverse_order = torch.argsort(order)
 
+    @classmethod
+    def only_gen(cls) -> "TokenStreams":
+        """Every token is a gen token (a cached denoising step): nothing to build or count on the hot path."""
+        streams = cls(None)
+        streams.all_und, streams.all_gen = False, True
+        return streams
+
     def apply(self, und_module: nn.Module, gen_module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
         """Run `x` (batch, seq, ...) through the module of each token's stream."""
         if gen_module is None or self.all_und:
@@ -1017,7 +1024,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             gen_embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            streams=TokenStreams(torch.ones(batch, num_tokens, dtype=torch.bool, device=device)),
+            streams=TokenStreams.only_gen(),
             past_key_values=ContextKVView(context.past_key_values),
         )
         velocity = self.velocity_head(hidden_states)

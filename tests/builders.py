@@ -1,4 +1,6 @@
-"""Tiny EMMA models and hand-built token sequences (the processor comes later, so ids are written here)."""
+"""Tiny EMMA models, a tiny tokenizer and processor, and hand-built token sequences."""
+
+import json
 
 import torch
 
@@ -68,3 +70,58 @@ def mixed_batch(config: EmmaConfig, size: int = 64) -> dict:
         "noise": torch.stack([random_latent(config, size, size, 5), random_latent(config, size, size, 6)]),
         "timesteps": torch.tensor([0.3, 0.7]),
     }
+
+
+CORPUS = [
+    "What colour is the square? The square is red.",
+    "How many circles are there? There are two circles.",
+    "Draw a blue triangle on the left. Make the circle green.",
+    "Describe the picture in one sentence, please.",
+]
+
+
+def tiny_tokenizer():
+    """A byte-level BPE trained on a few sentences, wrapped as Qwen3's tokenizer class (without EMMA's tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS, trainer)
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in state["merges"]]
+    return Qwen2Tokenizer(
+        vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+
+
+def tiny_processor(max_pixels: int = 96 * 96):
+    """EmmaProcessor over `tiny_tokenizer()` (EMMA's tokens get added) with a small pixel budget."""
+    from emma_hf import EmmaImageProcessor, EmmaProcessor
+
+    image_processor = EmmaImageProcessor(size={"min_pixels": 32 * 32, "max_pixels": max_pixels})
+    return EmmaProcessor(image_processor, tiny_tokenizer())
+
+
+def tiny_chat_model(seed: int = 0, **overrides):
+    """A tiny model and processor whose token ids agree (written into the config as an export does)."""
+    from emma_hf.convert import sync_special_tokens
+
+    model, processor = tiny_model(seed=seed, **overrides), tiny_processor()
+    sync_special_tokens(model, processor)
+    return model, processor
+
+
+def noise_image(height: int, width: int, seed: int, mode: str = "RGB"):
+    """A PIL image of uniform noise."""
+    import numpy as np
+    import PIL.Image
+
+    rng = np.random.default_rng(seed)
+    return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)

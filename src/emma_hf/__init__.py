@@ -1,13 +1,30 @@
 """emma_hf: EMMA (arXiv 2512.04810) for transformers, diffusers and PEFT."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_emma import EmmaConfig
 from .modeling_emma import EmmaContext, EmmaForConditionalGeneration, EmmaModel, EmmaPreTrainedModel
+from .processing_emma import EmmaImageProcessor, EmmaProcessor
 
 
 AutoConfig.register(EmmaConfig.model_type, EmmaConfig, exist_ok=True)
 AutoModel.register(EmmaConfig, EmmaModel, exist_ok=True)
 AutoModelForImageTextToText.register(EmmaConfig, EmmaForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(EmmaConfig, EmmaProcessor, exist_ok=True)
 
-__all__ = ["EmmaConfig", "EmmaContext", "EmmaForConditionalGeneration", "EmmaModel", "EmmaPreTrainedModel"]
+# Saving then copies the remote-code files beside the weights, so a checkpoint loads where emma_hf is not installed.
+EmmaConfig.register_for_auto_class("AutoConfig")
+EmmaModel.register_for_auto_class("AutoModel")
+EmmaForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+EmmaImageProcessor.register_for_auto_class("AutoImageProcessor")
+EmmaProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "EmmaConfig",
+    "EmmaContext",
+    "EmmaForConditionalGeneration",
+    "EmmaImageProcessor",
+    "EmmaModel",
+    "EmmaPreTrainedModel",
+    "EmmaProcessor",
+]

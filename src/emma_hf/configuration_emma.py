@@ -22,6 +22,13 @@ DECOUPLABLE_MODULES = (
     "post_attention_layernorm",
     "mlp",
 )
+# Auto class -> remote-code class, written into every saved config.json.
+AUTO_MAP = {
+    "AutoConfig": "configuration_emma.EmmaConfig",
+    "AutoModel": "modeling_emma.EmmaModel",
+    "AutoModelForImageTextToText": "modeling_emma.EmmaForConditionalGeneration",
+    "AutoProcessor": "processing_emma.EmmaProcessor",
+}
 VISION_ROUTER_MODES = ("top1", "soft", "versatile", "stem")
 FLOW_WEIGHTING_SCHEMES = ("logit_normal", "uniform")
 
@@ -220,6 +227,7 @@ class EmmaConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         if self.vae_config is None:
             self.vae_config = copy.deepcopy(DC_AE_F32C32_CONFIG)
         self.vae_config = {key: value for key, value in self.vae_config.items() if not key.startswith("_")}

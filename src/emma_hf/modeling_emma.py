@@ -42,6 +42,7 @@ from .configuration_emma import EmmaConfig
 
 
 ImageInput = torch.Tensor | Sequence[torch.Tensor]
+CONTEXT_IMAGE_INPUTS = ("pixel_values", "vae_pixel_values", "image_grid_hw")
 
 
 @dataclass
@@ -174,6 +175,22 @@ def check_image_runs(input_ids: torch.Tensor, token_id: int, expected: list[int]
             f"input_ids hold runs of {found} placeholder tokens (id {token_id}) but `{argument}` gives images of "
             f"{expected} tokens; each image needs one run of (H/32)*(W/32) placeholders, images in order of appearance"
         )
+
+
+def check_image_grid(pixel_values: ImageInput, image_grid_hw: torch.Tensor, cell: int) -> None:
+    """The processor's token grid per image must be the one the pixels give."""
+    from_pixels = [[image.shape[-2] // cell, image.shape[-1] // cell] for image in pixel_values]
+    if torch.as_tensor(image_grid_hw).reshape(-1, 2).tolist() != from_pixels:
+        raise ValueError(
+            f"image_grid_hw {torch.as_tensor(image_grid_hw).tolist()} does not match the token grids of pixel_values "
+            f"{from_pixels}"
+        )
+
+
+def images_per_row(input_ids: torch.Tensor, config: EmmaConfig) -> list[int]:
+    """How many context images each row's placeholders stand for."""
+    _, _, block_ids = find_image_blocks(input_ids, config, gen=False)
+    return (advances_position(block_ids) & (block_ids >= 0)).sum(-1).tolist()
 
 
 def rope_position_ids(segment_ids: torch.Tensor, image_starts_or_text: torch.Tensor) -> torch.Tensor:
@@ -698,6 +715,7 @@ class EmmaModel(EmmaPreTrainedModel):
         vae_pixel_values: ImageInput | None = None,
         noisy_latents: ImageInput | None = None,
         timesteps: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
@@ -711,6 +729,8 @@ class EmmaModel(EmmaPreTrainedModel):
             (1 everywhere is one sample per row).
         pixel_values / vae_pixel_values: the context images, normalised for SigLIP2 and in [-1, 1].
         noisy_latents / timesteps: `x_t` of each generated image (scaled DC-AE latents) and its `t` in [0, 1].
+        image_grid_hw: `(num_images, 2)` token grid of each context image, as the processor returns it; checked
+            against `pixel_values`.
         """
         if output_attentions:
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
@@ -752,6 +772,8 @@ class EmmaModel(EmmaPreTrainedModel):
                 f"got {tuple(key_segment_ids.shape)}"
             )
 
+        if image_grid_hw is not None and pixel_values is not None:
+            check_image_grid(pixel_values, image_grid_hw, self.config.image_grid_size)
         inputs_embeds = self.scatter_visual_tokens(
             inputs_embeds, input_ids, image_mask, gen_mask, pixel_values, vae_pixel_values, noisy_latents, timesteps
         )
@@ -887,6 +909,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         noise: ImageInput | None = None,
         timesteps: torch.Tensor | None = None,
         noisy_latents: ImageInput | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -938,6 +961,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             vae_pixel_values=vae_pixel_values,
             noisy_latents=noisy_latents,
             timesteps=timesteps,
+            image_grid_hw=image_grid_hw,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
@@ -1038,8 +1062,32 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         if not is_first_iteration and kwargs.get("use_cache", True):
-            model_inputs.pop("vae_pixel_values", None)
+            for name in CONTEXT_IMAGE_INPUTS:
+                model_inputs.pop(name, None)
         return model_inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Repeat each row's own images with the row (`num_return_sequences`, beams): images are not batched by row."""
+        images = {name: kwargs.pop(name) for name in CONTEXT_IMAGE_INPUTS if kwargs.get(name) is not None}
+        expanded_ids, kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **kwargs
+        )
+        if images and expand_size > 1:
+            counts = images_per_row(input_ids, self.config)
+            starts = [sum(counts[:row]) for row in range(len(counts))]
+            order = [
+                start + i for start, count in zip(starts, counts) for _ in range(expand_size) for i in range(count)
+            ]
+            for name, value in images.items():
+                picked = [value[i] for i in order]
+                images[name] = torch.stack(picked) if isinstance(value, torch.Tensor) else picked
+        return expanded_ids, {**kwargs, **images}
 
 
 __all__ = ["EmmaForConditionalGeneration", "EmmaModel", "EmmaPreTrainedModel", "EmmaContext"]

@@ -1,0 +1,180 @@
+"""
+Hub checkpoints: one folder that `AutoModel`/`AutoProcessor` read (with or without `emma_hf` installed) and that
+`EmmaPipeline` will read too, holding ONE copy of the weights.
+
+Layout written by [`export_checkpoint`]:
+
+    config.json, generation_config.json     the model's config, `auto_map` naming the remote-code classes
+    model.safetensors.index.json            maps every weight to its shard under `model/`
+    *.py                                    the remote code: configuration, modeling, processing (flat, at the root,
+                                            where transformers fetches code from)
+    processor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja
+    README.md                               the model card, from `model_card.md`
+    model/                                  config.json, generation_config.json and the safetensors shards (with
+                                            their own index when sharded): the pipeline's `model` component
+"""
+
+import json
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from safetensors import safe_open
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+from .modeling_emma import EmmaForConditionalGeneration
+from .processing_emma import EmmaProcessor
+from .sizes import parameter_report
+
+
+MODEL_SUBFOLDER = "model"
+MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
+HUB_TAGS = ["emma", "any-to-any", "image-text-to-text", "text-to-image", "image-editing", "custom_code"]
+
+
+def sync_special_tokens(model: EmmaForConditionalGeneration, processor: EmmaProcessor) -> None:
+    """
+    Make the model use the processor's token ids: EMMA's special-token ids go into `model.config`, the embeddings grow
+    if the tokenizer outgrew them, and generation stops at the end of the assistant's turn.
+    """
+    if processor.image_processor.patch_size != model.config.image_grid_size:
+        raise ValueError(
+            f"the image processor's patch_size ({processor.image_processor.patch_size}) must equal the model's "
+            f"token cell ({model.config.image_grid_size} pixels)"
+        )
+    for field, token_id in processor.emma_token_ids.items():
+        setattr(model.config, field, token_id)
+    vocab_size = len(processor.tokenizer)
+    if vocab_size > model.config.text_config.vocab_size:
+        model.resize_token_embeddings(vocab_size)
+    tokenizer = processor.tokenizer
+    end_ids = [processor.end_of_turn_token_id]
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in end_ids:
+        end_ids.append(tokenizer.eos_token_id)
+    model.generation_config.eos_token_id = end_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.validate_emma()
+
+
+def model_card(model: EmmaForConditionalGeneration, repo_id: str, **card_fields) -> ModelCard:
+    """The model card of an exported checkpoint: Hub metadata plus a summary of this model's sizes."""
+    config = model.config
+    text, vision = config.text_config, config.vision_config
+    try:
+        emma_hf_version = version("emma_hf")
+    except PackageNotFoundError:
+        emma_hf_version = "(development)"
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="any-to-any",
+        tags=HUB_TAGS,
+        license=card_fields.pop("license", "apache-2.0"),
+        base_model=card_fields.pop("base_model", None),
+        model_name=card_fields.pop("model_name", repo_id.split("/")[-1]),
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_name=card_data.model_name,
+        repo_id=repo_id,
+        emma_hf_version=emma_hf_version,
+        parameters=f"{parameter_report(model).total / 1e6:,.1f}M",
+        decoder=f"Qwen3, {text.num_hidden_layers} layers, hidden {text.hidden_size} (the first "
+        f"{config.num_shallow_layers} share all but {', '.join(config.shallow_decoupled_modules)})",
+        vision=f"SigLIP2, {vision.num_hidden_layers} layers, patch {vision.patch_size}, MoE in layers "
+        f"{config.vision_moe_layers}",
+        vae=f"DC-AE, {config.vae_config['latent_channels']} latent channels, {config.image_grid_size}x downsampling",
+        tokens_512=config.num_image_tokens(512, 512),
+        limitations=card_fields.pop(
+            "limitations", "Not stated by the exporter: describe the training data and known failure modes here."
+        ),
+        **card_fields,
+    )
+
+
+def export_checkpoint(
+    model: EmmaForConditionalGeneration,
+    processor: EmmaProcessor,
+    save_directory: str | Path,
+    *,
+    repo_id: str | None = None,
+    max_shard_size: int | str = "5GB",
+    **card_fields,
+) -> Path:
+    """
+    Write `model` and `processor` as one Hub checkpoint folder (layout in this module's docstring) and return its
+    path. `card_fields` (`license`, `base_model`, `model_name`, `limitations`) go into the model card.
+    """
+    if not isinstance(model, EmmaForConditionalGeneration):
+        raise TypeError(f"model must be an EmmaForConditionalGeneration, got {type(model).__name__}")
+    if not isinstance(processor, EmmaProcessor):
+        raise TypeError(f"processor must be an EmmaProcessor, got {type(processor).__name__}")
+    save_directory = Path(save_directory)
+    if save_directory.is_file():
+        raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
+    sync_special_tokens(model, processor)
+    save_directory.mkdir(parents=True, exist_ok=True)
+    model_directory = save_directory / MODEL_SUBFOLDER
+
+    # Saved aside, then swapped in whole: shards or an index left from an earlier export must not mix with these.
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=save_directory))
+    model.save_pretrained(staging, max_shard_size=max_shard_size)
+    if model_directory.exists():
+        shutil.rmtree(model_directory)
+    staging.rename(model_directory)
+    for name in ("config.json", "generation_config.json"):
+        shutil.copyfile(model_directory / name, save_directory / name)
+    for code_file in model_directory.glob("*.py"):
+        shutil.move(code_file, save_directory / code_file.name)
+    write_root_index(model_directory, save_directory)
+    processor.save_pretrained(save_directory)
+    model_card(model, repo_id or save_directory.name, **card_fields).save(save_directory / "README.md")
+    return save_directory
+
+
+def write_root_index(model_directory: Path, save_directory: Path) -> None:
+    """A root `model.safetensors.index.json` that points into `model/`, so root loaders read the same shards."""
+    index_path = model_directory / SAFE_WEIGHTS_INDEX_NAME
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        weight_map = {key: f"{MODEL_SUBFOLDER}/{shard}" for key, shard in index["weight_map"].items()}
+        metadata = index.get("metadata", {})
+    else:
+        weights_path = model_directory / SAFE_WEIGHTS_NAME
+        with safe_open(weights_path, "pt") as weights:
+            weight_map = dict.fromkeys(weights.keys(), f"{MODEL_SUBFOLDER}/{SAFE_WEIGHTS_NAME}")
+        with weights_path.open("rb") as file:
+            header_size = int.from_bytes(file.read(8), "little")
+        metadata = {"total_size": weights_path.stat().st_size - 8 - header_size}
+    (save_directory / SAFE_WEIGHTS_INDEX_NAME).write_text(
+        json.dumps({"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n"
+    )
+
+
+def push_to_hub(
+    model: EmmaForConditionalGeneration,
+    processor: EmmaProcessor,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload EMMA checkpoint",
+    create_pr: bool = False,
+    max_shard_size: int | str = "5GB",
+    **card_fields,
+):
+    """Export to a temporary folder and upload it with huggingface_hub's `create_repo` + `upload_folder`."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        export_checkpoint(model, processor, folder, repo_id=repo_id, max_shard_size=max_shard_size, **card_fields)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
+        )

@@ -268,3 +268,14 @@ def test_export_refuses_wrong_arguments(exported, tmp_path):
     afile.write_text("")
     with pytest.raises(ValueError, match="is a file"):
         export_checkpoint(exported["model"], exported["processor"], afile)
+
+
+def test_plain_save_pretrained_also_writes_remote_code_and_auto_map(exported, tmp_path):
+    exported["model"].save_pretrained(tmp_path / "model", max_shard_size="300KB")
+    exported["processor"].save_pretrained(tmp_path / "processor")
+    assert {"configuration_emma.py", "modeling_emma.py"} <= {p.name for p in (tmp_path / "model").iterdir()}
+    assert len(list((tmp_path / "model").glob("model-*.safetensors"))) >= 4
+    assert "processing_emma.py" in {p.name for p in (tmp_path / "processor").iterdir()}
+    auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageTextToText"] == "modeling_emma.EmmaForConditionalGeneration"
+    assert auto_map["AutoConfig"] == "configuration_emma.EmmaConfig"

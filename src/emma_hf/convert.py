@@ -20,16 +20,20 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import diffusers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from safetensors import safe_open
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .modeling_emma import EmmaForConditionalGeneration
+from .pipeline_emma import scheduler_from_model_config
 from .processing_emma import EmmaProcessor
 from .sizes import parameter_report
 
 
 MODEL_SUBFOLDER = "model"
+PROCESSOR_SUBFOLDER = "processor"
+SCHEDULER_SUBFOLDER = "scheduler"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 HUB_TAGS = ["emma", "any-to-any", "image-text-to-text", "text-to-image", "image-editing", "custom_code"]
 
@@ -130,8 +134,44 @@ def export_checkpoint(
         shutil.move(code_file, save_directory / code_file.name)
     write_root_index(model_directory, save_directory)
     processor.save_pretrained(save_directory)
+    write_pipeline_files(model, processor, save_directory)
     model_card(model, repo_id or save_directory.name, **card_fields).save(save_directory / "README.md")
     return save_directory
+
+
+def self_contained_source(module_file: Path) -> str:
+    """A remote-code module with `configuration_emma` inlined: diffusers fetches a component's file alone."""
+    relative_import = "from .configuration_emma import EmmaConfig\n"
+    source = module_file.read_text()
+    if relative_import not in source:
+        raise RuntimeError(f"{module_file.name} no longer imports EmmaConfig as expected; update the export")
+    configuration = (module_file.parent / "configuration_emma.py").read_text()
+    return configuration + "\n\n" + source.replace(relative_import, "")
+
+
+def write_pipeline_files(model: EmmaForConditionalGeneration, processor: EmmaProcessor, save_directory: Path) -> None:
+    """What diffusers needs on top of the transformers files: `model_index.json`, the pipeline code, the scheduler,
+    the processor in its own folder, and each custom component's code, self-contained, in its subfolder."""
+    package = Path(__file__).parent
+    shutil.copyfile(package / "pipeline_emma.py", save_directory / "pipeline_emma.py")
+    (save_directory / MODEL_SUBFOLDER / "modeling_emma.py").write_text(
+        self_contained_source(package / "modeling_emma.py")
+    )
+    processor_directory = save_directory / PROCESSOR_SUBFOLDER
+    if processor_directory.exists():
+        shutil.rmtree(processor_directory)
+    processor.save_pretrained(processor_directory)
+    (processor_directory / "configuration_emma.py").unlink(missing_ok=True)
+    (processor_directory / "processing_emma.py").write_text(self_contained_source(package / "processing_emma.py"))
+    scheduler_from_model_config(model.config).save_pretrained(save_directory / SCHEDULER_SUBFOLDER)
+    model_index = {
+        "_class_name": ["pipeline_emma", "EmmaPipeline"],
+        "_diffusers_version": diffusers.__version__,
+        MODEL_SUBFOLDER: ["modeling_emma", "EmmaForConditionalGeneration"],
+        PROCESSOR_SUBFOLDER: ["processing_emma", "EmmaProcessor"],
+        SCHEDULER_SUBFOLDER: ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+    }
+    (save_directory / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
 
 
 def write_root_index(model_directory: Path, save_directory: Path) -> None:

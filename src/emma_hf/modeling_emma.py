@@ -100,6 +100,17 @@ class EmmaContext:
     def batch_size(self) -> int:
         return self.attention_mask.shape[0]
 
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "EmmaContext":
+        """The context of the given rows, in that order (rows may repeat: one prompt, several images)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.attention_mask.device)
+        cache = DynamicCache()
+        for layer_idx, layer in enumerate(self.past_key_values.layers):
+            layer_rows = rows.to(layer.keys.device)
+            cache.update(layer.keys[layer_rows], layer.values[layer_rows], layer_idx)
+        return EmmaContext(
+            cache, self.attention_mask[rows], self.next_position_ids[rows.to(self.next_position_ids.device)]
+        )
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Token layout: streams, image blocks, positions and the attention mask

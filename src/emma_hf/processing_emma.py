@@ -249,6 +249,14 @@ class EmmaImageProcessor(PilBackend):
             )
         return fit_to_token_grid(height, width, patch_size, size.min_pixels, size.max_pixels)
 
+    def load_image(self, image) -> PIL.Image.Image:
+        """Any accepted input kind as an RGB PIL image, not yet resized."""
+        return load_rgb_image(image)
+
+    def resized_size(self, image: PIL.Image.Image) -> tuple[int, int]:
+        """`(height, width)` this processor resizes `image` to."""
+        return self.output_size(image.height, image.width, self.size, self.patch_size)
+
     def _validate_preprocess_kwargs(self, **kwargs):
         """The base checks, which do not know `min_pixels`/`max_pixels` sizes, run on everything but `size`."""
         super()._validate_preprocess_kwargs(**{**kwargs, "do_resize": False})
@@ -346,6 +354,16 @@ class EmmaProcessor(ProcessorMixin):
     def end_of_turn_token_id(self) -> int:
         """`<|im_end|>`: where an assistant turn, hence chat generation, stops."""
         return self.tokenizer.convert_tokens_to_ids(CHAT_TOKENS[1])
+
+    def generation_prompt(self, prompt: str, with_image: bool = False) -> str:
+        """
+        Chat text for drawing an image: a user turn (the source image first, for an edit, then the instruction) and
+        the assistant's turn opened up to where the generated image's tokens begin.
+        """
+        content = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": prompt})
+        text = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return text + GEN_START_TOKEN + VISION_START_TOKEN
 
     def validate_inputs(self, images=None, text=None, **kwargs) -> None:
         """Count images as the image processor will (paths unopened, batch tensors split) against the placeholders."""

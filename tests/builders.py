@@ -125,3 +125,49 @@ def noise_image(height: int, width: int, seed: int, mode: str = "RGB"):
 
     rng = np.random.default_rng(seed)
     return PIL.Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(mode)
+
+
+HIDE_EMMA_HF = """
+import importlib.abc, sys
+
+
+class RefuseEmmaHf(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "emma_hf" or name.startswith("emma_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden for this test)")
+        return None
+
+
+sys.meta_path.insert(0, RefuseEmmaHf())
+
+
+def emma_hf_importable():
+    try:
+        import emma_hf  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+"""
+
+
+def run_python_without_emma_hf(script: str, args: list[str], workdir, hf_home) -> dict:
+    """
+    Run `script` in a fresh interpreter where `emma_hf` cannot be imported, offline, with its own HF_HOME, no
+    PYTHON* settings and `workdir` as cwd; return the JSON object its last output line holds.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON", "TRANSFORMERS"))
+    }
+    environment.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "TOKENIZERS_PARALLELISM": "false"})
+    path = Path(workdir) / "script_without_emma_hf.py"
+    path.write_text(HIDE_EMMA_HF + script)
+    result = subprocess.run(
+        [sys.executable, str(path), *args], cwd=workdir, env=environment, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,16 +1,13 @@
 """Exported checkpoints: one copy of the weights, remote code without emma_hf, Hub cache layout, round trips, push."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from builders import noise_image, tiny_chat_model
+from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
@@ -96,15 +93,7 @@ def test_layout_holds_one_copy_of_the_weights_and_all_files(exported):
 
 REMOTE_SCRIPT = textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class RefuseEmmaHf(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "emma_hf" or name.startswith("emma_hf."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden for this test)")
-            return None
-
-    sys.meta_path.insert(0, RefuseEmmaHf())
+    import json, sys
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
     source, image_path = sys.argv[1], sys.argv[2]
@@ -117,39 +106,19 @@ REMOTE_SCRIPT = textwrap.dedent(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
     output = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)
-    try:
-        import emma_hf  # noqa: F401
-        importable = True
-    except ModuleNotFoundError:
-        importable = False
     print(json.dumps({
         "classes": [type(config).__name__, type(backbone).__name__, type(model).__name__, type(processor).__name__,
                     type(processor.image_processor).__name__],
         "modules": [type(model).__module__, type(processor).__module__],
         "tokens": output[0, inputs["input_ids"].shape[1]:].tolist(),
-        "emma_hf_importable": importable,
+        "emma_hf_importable": emma_hf_importable(),
     }))
     """
 )
 
 
 def run_without_emma_hf(source: str, image_path: str, workdir: Path, hf_home: Path) -> dict:
-    environment = {
-        key: value for key, value in os.environ.items() if not key.startswith(("HF_", "PYTHON", "TRANSFORMERS"))
-    }
-    environment.update({"HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "TOKENIZERS_PARALLELISM": "false"})
-    script = workdir / "load_remote.py"
-    script.write_text(REMOTE_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script), source, image_path, json.dumps(QUESTION)],
-        cwd=workdir,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_python_without_emma_hf(REMOTE_SCRIPT, [source, image_path, json.dumps(QUESTION)], workdir, hf_home)
 
 
 def place_in_hub_cache(folder: Path, hub_cache: Path, repo_id: str) -> None:

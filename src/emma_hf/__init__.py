@@ -4,6 +4,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .configuration_emma import EmmaConfig
 from .modeling_emma import EmmaContext, EmmaForConditionalGeneration, EmmaModel, EmmaPreTrainedModel
+from .pipeline_emma import EmmaPipeline, EmmaPipelineOutput
 from .processing_emma import EmmaImageProcessor, EmmaProcessor
 
 
@@ -25,6 +26,8 @@ __all__ = [
     "EmmaForConditionalGeneration",
     "EmmaImageProcessor",
     "EmmaModel",
+    "EmmaPipeline",
+    "EmmaPipelineOutput",
     "EmmaPreTrainedModel",
     "EmmaProcessor",
 ]

@@ -477,7 +477,8 @@ class EmmaPipeline(DiffusionPipeline):
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
-                    callback_kwargs = {name: locals()[name] for name in callback_on_step_end_tensor_inputs}
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()

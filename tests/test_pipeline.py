@@ -1,0 +1,307 @@
+"""EmmaPipeline: determinism, cached and batched-CFG exactness, outputs and callbacks, loading, sharing, input checks."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
+from diffusers import DiffusionPipeline
+from peft import LoraConfig
+from transformers import AutoModelForImageTextToText
+
+import emma_hf.pipeline_emma as pipeline_module
+from emma_hf.convert import export_checkpoint
+from emma_hf.pipeline_emma import EmmaPipeline
+
+
+def make_pipeline(seed: int = 0) -> EmmaPipeline:
+    model, processor = tiny_chat_model(seed=seed)
+    pipe = EmmaPipeline.from_model(model, processor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipeline(seed=11)
+
+
+def draw(pipe, seed: int = 0, **kwargs):
+    settings = {"num_inference_steps": 3, "output_type": "pt", "generator": torch.Generator().manual_seed(seed)}
+    return pipe(**{"prompt": "Draw a blue triangle on the left.", **settings, **kwargs}).images
+
+
+SOURCE = noise_image(64, 96, 4)
+
+
+def test_same_seed_same_image_and_latents_remove_randomness(pipe, monkeypatch):
+    first, again, other = draw(pipe, seed=1), draw(pipe, seed=1), draw(pipe, seed=2)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    edit, edit_again = (draw(pipe, seed=3, image=SOURCE, prompt="Make the circle green.") for _ in range(2))
+    assert torch.equal(edit, edit_again) and edit.shape == (1, 3, 64, 96)
+
+    latents = torch.randn(1, 32, 3, 3, generator=torch.Generator().manual_seed(5))
+
+    def no_randomness(*args, **kwargs):
+        raise AssertionError("randn_tensor was called although latents were given")
+
+    monkeypatch.setattr(pipeline_module, "randn_tensor", no_randomness)
+    with_latents = [draw(pipe, seed=seed, latents=latents, generator=None) for seed in (0, 1)]
+    assert torch.equal(*with_latents)
+
+
+def full_sequence_velocity(pipe, text: str, image, latents: torch.Tensor, t: float) -> torch.Tensor:
+    """The velocity of the same gen tokens from one forward over context + gen placeholders, without any cache."""
+    model, processor = pipe.model, pipe.processor
+    inputs = processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+    gen = torch.full((1, latents.shape[-2] * latents.shape[-1]), model.config.gen_token_id)
+    input_ids = torch.cat([inputs["input_ids"], gen], dim=1)
+    output = model(
+        input_ids=input_ids,
+        pixel_values=inputs.get("pixel_values"),
+        vae_pixel_values=inputs.get("vae_pixel_values"),
+        noisy_latents=latents,
+        timesteps=torch.tensor([t]),
+        use_cache=False,
+    )
+    return output.velocity.reshape(1, latents.shape[-2], latents.shape[-1], -1).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("edit", [False, True])
+@pytest.mark.parametrize("guidance", [False, True])
+def test_cached_context_velocity_equals_full_forward(pipe, edit, guidance):
+    prompts = ["Make the circle green.", "Draw two red squares."]
+    images = [SOURCE, noise_image(64, 96, 6)] if edit else None
+    negatives = ["blurry", ""]
+    context, num_conditions = pipe.encode_prompt(prompts, images, negatives, guidance, guidance and edit)
+    assert num_conditions == 1 + guidance + (guidance and edit)
+    latents = torch.randn(len(prompts), 32, 2, 3, generator=torch.Generator().manual_seed(0))
+    t = 0.63
+    cached = pipe.model.predict_velocity(latents.repeat(num_conditions, 1, 1, 1), t, context)
+    condition_texts = [(p, True) for p in prompts] + ([(n, True) for n in negatives] if guidance else [])
+    condition_texts += [(p, False) for p in prompts] if guidance and edit else []
+    for row, (text, with_image) in enumerate(condition_texts):
+        image = images[row % len(prompts)] if edit and with_image else None
+        prompt_text = pipe.processor.generation_prompt(text, image is not None)
+        expected = full_sequence_velocity(pipe, prompt_text, image, latents[row % len(prompts)][None], t)
+        torch.testing.assert_close(cached[row][None], expected, atol=1e-5, rtol=0)
+
+
+def test_batched_guidance_equals_the_formula_on_separate_forwards(pipe):
+    pipe._guidance_scale, pipe._image_guidance_scale, pipe._guidance_renorm_min = 3.0, 1.7, None
+    pipe._do_text_guidance = pipe._do_image_guidance = True
+    prompt, negative = "Make the circle green.", "blurry"
+    context, num_conditions = pipe.encode_prompt([prompt], [SOURCE], [negative], True, True)
+    latents = torch.randn(1, 32, 2, 3, generator=torch.Generator().manual_seed(1))
+    guided = pipe.predict_guided_velocity(latents, torch.tensor(0.4), context, num_conditions, guided=True)
+
+    def alone(text, image):
+        single, _ = pipe.encode_prompt([text], [image] if image is not None else None, [""], False, False)
+        return pipe.model.predict_velocity(latents, 0.4, single).float()
+
+    full, no_text, no_image = alone(prompt, SOURCE), alone(negative, SOURCE), alone(prompt, None)
+    text_guided = no_text + 3.0 * (full - no_text)
+    expected = no_image + 1.7 * (text_guided - no_image)
+    torch.testing.assert_close(guided, expected, atol=1e-5, rtol=0)
+
+    pipe._guidance_renorm_min = 0.0
+    renormed = pipe.predict_guided_velocity(latents, torch.tensor(0.4), context, num_conditions, guided=True)
+    torch.testing.assert_close(renormed.norm(), torch.minimum(full.norm(), expected.norm()), atol=1e-4, rtol=1e-5)
+
+
+def test_guidance_interval_runs_only_the_full_condition_outside_it(pipe, monkeypatch):
+    batches = []
+    predict = pipe.model.predict_velocity
+
+    def counting(latents, t, context):
+        batches.append(latents.shape[0])
+        return predict(latents, t, context)
+
+    monkeypatch.setattr(pipe.model, "predict_velocity", counting)
+    draw(pipe, num_inference_steps=4, image=SOURCE, guidance_interval=(0.0, 0.5), prompt="Make it red.")
+    assert batches[0] == 1 and batches[-1] == 3 and set(batches) == {1, 3}
+
+
+def test_output_types_agree(pipe):
+    as_pt = draw(pipe, seed=4)
+    as_np = draw(pipe, seed=4, output_type="np")
+    as_pil = draw(pipe, seed=4, output_type="pil")
+    latent = draw(pipe, seed=4, output_type="latent")
+    assert isinstance(as_np, np.ndarray) and as_np.shape == (1, 96, 96, 3)
+    torch.testing.assert_close(torch.from_numpy(as_np).permute(0, 3, 1, 2), as_pt)
+    assert np.abs(np.asarray(as_pil[0], dtype=np.float32) / 255 - as_np[0]).max() <= 1 / 255 + 1e-6
+    vae = pipe.model.vae
+    decoded = ((vae.decode(latent / vae.config.scaling_factor).sample + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(decoded, as_pt)
+
+
+def test_callback_reads_and_replaces_latents_and_interrupt_stops(pipe):
+    seen = []
+
+    def zero_at_last_step(pipeline, step, timestep, tensors):
+        seen.append(tensors["latents"].clone())
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 2 else {}
+
+    latent = draw(pipe, seed=5, output_type="latent", callback_on_step_end=zero_at_last_step)
+    assert len(seen) == 3 and seen[0].shape == (1, 32, 3, 3) and torch.equal(latent, torch.zeros_like(latent))
+
+    steps = []
+
+    def stop_after_two(pipeline, step, timestep, tensors):
+        steps.append(step)
+        pipeline._interrupt = step == 1
+        return {}
+
+    stopped = draw(pipe, seed=5, output_type="latent", num_inference_steps=6, callback_on_step_end=stop_after_two)
+    assert steps == [0, 1]
+    manual = draw(pipe, seed=5, output_type="latent", num_inference_steps=6, callback_on_step_end=record_until(2))
+    torch.testing.assert_close(stopped, manual)
+
+
+def record_until(num_steps: int):
+    """A callback that keeps the latents after `num_steps` steps and returns them as the final latents."""
+    kept = {}
+
+    def callback(pipeline, step, timestep, tensors):
+        if step == num_steps - 1:
+            kept["latents"] = tensors["latents"].clone()
+        return {"latents": kept["latents"]} if "latents" in kept else {}
+
+    return callback
+
+
+REMOTE_PIPELINE = """
+import json, sys
+import torch
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+kwargs = json.loads(sys.argv[2])
+kwargs["generator"] = torch.Generator().manual_seed(kwargs.pop("seed"))
+images = pipe(**kwargs, output_type="pt").images
+print(json.dumps({"class": type(pipe).__module__ + "." + type(pipe).__name__, "importable": emma_hf_importable(),
+                  "sha": __import__("hashlib").sha256(images.numpy().tobytes()).hexdigest()}))
+"""
+
+
+def test_loads_with_diffusers_remote_code_where_emma_hf_is_missing(pipe, tmp_path):
+    folder = export_checkpoint(pipe.model, pipe.processor, tmp_path / "emma-tiny", max_shard_size="300KB")
+    image_path = tmp_path / "source.png"
+    SOURCE.save(image_path)
+    request = {"prompt": "Make the circle green.", "image": str(image_path), "num_inference_steps": 2, "seed": 9}
+    expected = draw(pipe, **{**request, "seed": 9})
+    result = run_python_without_emma_hf(REMOTE_PIPELINE, [str(folder), json.dumps(request)], tmp_path, tmp_path / "hf")
+    assert result["importable"] is False and result["class"].endswith("pipeline_emma.EmmaPipeline")
+    assert result["sha"] == hashlib.sha256(expected.numpy().tobytes()).hexdigest()
+
+
+def test_installed_loading_and_save_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved", max_shard_size="300KB")
+    reloaded = EmmaPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(draw(reloaded, seed=2), draw(pipe, seed=2))
+    remote = DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True)
+    remote.set_progress_bar_config(disable=True)
+    assert torch.equal(draw(remote, seed=2), draw(pipe, seed=2))
+    assert (
+        type(AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")).__name__
+        == "EmmaForConditionalGeneration"
+    )
+    weight_files = list((tmp_path / "saved").rglob("*.safetensors"))
+    assert weight_files and all(path.parent == tmp_path / "saved" / "model" for path in weight_files)
+
+
+def rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_pipeline_shares_the_chat_models_weights():
+    model, processor = tiny_chat_model(
+        seed=12, text_config={"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "vocab_size": 320}
+    )
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": SOURCE}, {"type": "text", "text": "What colour?"}]}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+    before_chat = model.generate(**prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+    rss_before = rss_bytes()
+    pipe = EmmaPipeline.from_model(model, processor)
+    assert rss_bytes() - rss_before < 0.01 * weight_bytes
+    assert pipe.model is model and {name: p.data_ptr() for name, p in pipe.model.named_parameters()} == pointers
+    pipe.set_progress_bar_config(disable=True)
+    draw(pipe, image=SOURCE, prompt="Make the circle green.", num_inference_steps=2)
+    after_chat = model.generate(**prompt, max_new_tokens=5, do_sample=False, eos_token_id=None)
+    assert torch.equal(before_chat, after_chat)
+
+
+def test_lora_adapter_loads_into_the_pipeline(tmp_path):
+    trained = make_pipeline(seed=13)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model\.layers\.\d+\.gen\..*(q_proj|v_proj)")
+    trained.model.add_adapter(config)
+    with torch.no_grad():
+        for name, parameter in trained.model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    trained.model.save_pretrained(tmp_path / "adapter")
+    adapted = draw(trained, seed=3)
+
+    fresh = make_pipeline(seed=13)
+    plain = draw(fresh, seed=3)
+    fresh.load_lora_weights(str(tmp_path / "adapter"))
+    assert not torch.equal(plain, adapted)
+    torch.testing.assert_close(draw(fresh, seed=3), adapted)
+
+
+BAD_ARGUMENTS = [
+    ({"prompt": None}, TypeError, "`prompt`"),
+    ({"prompt": []}, TypeError, "`prompt`"),
+    ({"prompt": ["a", 3]}, TypeError, "`prompt`"),
+    ({"negative_prompt": ["a", "b"]}, ValueError, "`negative_prompt`"),
+    ({"negative_prompt": 5}, TypeError, "`negative_prompt`"),
+    ({"image": [SOURCE, SOURCE]}, ValueError, "`image`"),
+    ({"height": 50}, ValueError, "`height`"),
+    ({"width": -32}, ValueError, "`width`"),
+    ({"height": 64.0}, ValueError, "`height`"),
+    ({"num_inference_steps": 0}, ValueError, "`num_inference_steps`"),
+    ({"num_inference_steps": 2.5}, ValueError, "`num_inference_steps`"),
+    ({"timesteps": [900.0], "sigmas": [0.9]}, ValueError, "`timesteps` or `sigmas`"),
+    ({"guidance_scale": -1.0}, ValueError, "`guidance_scale`"),
+    ({"guidance_scale": float("nan")}, ValueError, "`guidance_scale`"),
+    ({"image_guidance_scale": "2"}, ValueError, "`image_guidance_scale`"),
+    ({"guidance_interval": (0.8, 0.2)}, ValueError, "`guidance_interval`"),
+    ({"guidance_interval": (0.1,)}, ValueError, "`guidance_interval`"),
+    ({"guidance_renorm_min": 1.5}, ValueError, "`guidance_renorm_min`"),
+    ({"num_images_per_prompt": 0}, ValueError, "`num_images_per_prompt`"),
+    ({"latents": torch.zeros(1, 32, 3)}, ValueError, "`latents`"),
+    ({"latents": torch.full((1, 32, 3, 3), float("nan"))}, ValueError, "`latents`"),
+    ({"latents": torch.zeros(2, 32, 3, 3)}, ValueError, "`latents`"),
+    ({"generator": [torch.Generator(), torch.Generator()]}, ValueError, "`generator`"),
+    ({"output_type": "jpeg"}, ValueError, "`output_type`"),
+    ({"callback_on_step_end_tensor_inputs": ["noise"]}, ValueError, "`callback_on_step_end_tensor_inputs`"),
+]
+
+
+@pytest.mark.parametrize("arguments, error, message", BAD_ARGUMENTS)
+def test_bad_arguments_name_the_argument(pipe, arguments, error, message, monkeypatch):
+    monkeypatch.setattr(pipe.model, "encode_context", lambda *a, **k: pytest.fail("heavy work before the check"))
+    call = {"prompt": "Draw a blue triangle.", "num_inference_steps": 2, **arguments}
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipe(**call)
+
+
+def test_sources_of_different_sizes_need_an_explicit_size(pipe):
+    sources = [SOURCE, noise_image(96, 64, 1)]
+    with pytest.raises(ValueError, match="pass `height` and `width`"):
+        pipe(["a", "b"], image=sources, num_inference_steps=1)
+    images = pipe(["a", "b"], image=sources, num_inference_steps=1, height=64, width=64, output_type="pt").images
+    assert images.shape == (2, 3, 64, 64)

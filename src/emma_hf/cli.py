@@ -19,6 +19,25 @@ def params(args: argparse.Namespace) -> None:
     print(parameter_report(model).table())
 
 
+def convert(args: argparse.Namespace) -> None:
+    """Build EMMA from Qwen3 + SigLIP2 + DC-AE checkpoints and write it as an exported checkpoint."""
+    from .convert import build_emma_from_components, export_checkpoint
+    from .processing_emma import EmmaImageProcessor
+
+    overrides = {}
+    if args.num_shallow_layers is not None:
+        overrides["num_shallow_layers"] = args.num_shallow_layers
+    if args.vision_moe_layers is not None:
+        overrides["vision_moe_layers"] = args.vision_moe_layers
+    image_processor = EmmaImageProcessor(size={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels})
+    model, processor = build_emma_from_components(args.llm, args.vision, args.vae, image_processor, **overrides)
+    if args.dtype != "float32":
+        model = model.to(getattr(torch, args.dtype))
+    base_models = [str(source) for source in (args.llm, args.vision, args.vae)]
+    export_checkpoint(model, processor, args.output, max_shard_size=args.max_shard_size, base_model=base_models)
+    print(f"EMMA checkpoint written to {args.output}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emma-hf", description="EMMA: understanding, generation and editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -27,6 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=sorted(PRESETS), default="emma-4b")
     source.add_argument("--model", help="folder or Hub id holding an EMMA config.json")
     params_parser.set_defaults(run=params)
+
+    convert_parser = commands.add_parser("convert", help="build EMMA from Qwen3, SigLIP2 and DC-AE checkpoints")
+    convert_parser.add_argument("--llm", required=True, help="Qwen3 causal-LM folder or Hub id (with its tokenizer)")
+    convert_parser.add_argument("--vision", required=True, help="SigLIP2 vision or full model folder or Hub id")
+    convert_parser.add_argument("--vae", required=True, help="diffusers AutoencoderDC folder or Hub id")
+    convert_parser.add_argument("--output", required=True, help="folder to write the exported checkpoint to")
+    convert_parser.add_argument("--num-shallow-layers", type=int, help="decoder layers sharing all but v_proj")
+    convert_parser.add_argument("--vision-moe-layers", type=int, nargs="+", help="SigLIP2 layers given MoE MLPs")
+    convert_parser.add_argument("--min-pixels", type=int, default=256 * 256, help="image processor's pixel floor")
+    convert_parser.add_argument("--max-pixels", type=int, default=1024 * 1024, help="image processor's pixel budget")
+    convert_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    convert_parser.add_argument("--max-shard-size", default="5GB")
+    convert_parser.set_defaults(run=convert)
     return parser
 
 

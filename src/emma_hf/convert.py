@@ -1,5 +1,5 @@
 """
-Hub checkpoints: one folder that `AutoModel`/`AutoProcessor` read (with or without `emma_hf` installed) and that
+Building EMMA from public component checkpoints, and Hub checkpoints: one folder that `AutoModel`/`AutoProcessor` read (with or without `emma_hf` installed) and that
 `EmmaPipeline` will read too, holding ONE copy of the weights.
 
 Layout written by [`export_checkpoint`]:
@@ -15,19 +15,25 @@ Layout written by [`export_checkpoint`]:
 """
 
 import json
+import re
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import diffusers
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+import torch
+from diffusers import AutoencoderDC
+from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from .configuration_emma import EmmaConfig
 from .modeling_emma import EmmaForConditionalGeneration
 from .pipeline_emma import scheduler_from_model_config
-from .processing_emma import EmmaProcessor
+from .processing_emma import EmmaImageProcessor, EmmaProcessor
 from .sizes import parameter_report
 
 
@@ -35,7 +41,134 @@ MODEL_SUBFOLDER = "model"
 PROCESSOR_SUBFOLDER = "processor"
 SCHEDULER_SUBFOLDER = "scheduler"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+# Parts of a SigLIP2 checkpoint that EMMA does not use: the text tower of a full model and the pooling head.
+UNUSED_VISION_PREFIXES = ("text_model.", "logit_scale", "logit_bias", "head.")
+# Weights that EMMA adds to its components and initialises itself: the gen stream, the extra experts, the router,
+# adapters, timestep embedding and velocity head.
+ADDED_BY_EMMA = re.compile(
+    r"\.gen\.|gen_norm|mlp\.experts\.[1-9]|vision_tower\.router\.|und_adapter\.|gen_adapter\.|time_embed\.|^velocity_head\."
+)
 HUB_TAGS = ["emma", "any-to-any", "image-text-to-text", "text-to-image", "image-editing", "custom_code"]
+
+
+def read_safetensors(source: str | Path, weights_name: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint (local folder or Hub id, one file or shards with an index), keys as saved."""
+    folder = Path(source)
+    if not folder.is_dir():
+        folder = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
+    index_path = folder / f"{weights_name}.index.json"
+    if (folder / weights_name).is_file():
+        return load_file(folder / weights_name)
+    if index_path.is_file():
+        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+        return {key: value for shard in shards for key, value in load_file(folder / shard).items()}
+    raise FileNotFoundError(f"{str(source)!r} holds neither {weights_name} nor {weights_name}.index.json")
+
+
+def mapped_component_weights(
+    config: EmmaConfig, llm_weights: dict, vision_weights: dict, vae_weights: dict
+) -> dict[str, torch.Tensor]:
+    """The three checkpoints' tensors under EMMA's names (docs/architecture.md, "Weights and names")."""
+    mapped = {}
+    for key, value in llm_weights.items():
+        mapped[key.replace("model.", "model.language_model.", 1) if key.startswith("model.") else key] = value
+    moe_layers = set(config.vision_moe_layers)
+    for key, value in vision_weights.items():
+        key = key.removeprefix("vision_model.")
+        if key.startswith(UNUSED_VISION_PREFIXES):
+            continue
+        parts = key.split(".")
+        if key.startswith("encoder.layers.") and int(parts[2]) in moe_layers and parts[3] == "mlp":
+            key = ".".join([*parts[:4], "experts", "0", *parts[4:]])
+        mapped[f"model.vision_tower.{key}"] = value
+    mapped.update({f"model.vae.{key}": value for key, value in vae_weights.items()})
+    return mapped
+
+
+def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[str, torch.Tensor]) -> None:
+    """
+    Load mapped component weights, refusing any key that does not belong, or any EMMA weight left without a value
+    except those EMMA adds (gen copies, MoE experts and router, adapters, heads) and a tied `lm_head`. Rows the
+    tokenizer added beyond the checkpoint's vocabulary start at the mean of the existing embeddings.
+    """
+    own = model.state_dict()
+    unexpected = sorted(set(weights) - set(own))
+    if unexpected:
+        raise ValueError(f"the component checkpoints hold weights EMMA has no place for: {unexpected}")
+    missing = sorted(
+        key
+        for key in set(own) - set(weights)
+        if not ADDED_BY_EMMA.search(key) and not (key == "lm_head.weight" and model.config.tie_word_embeddings)
+    )
+    if missing:
+        raise ValueError(f"the component checkpoints lack these weights EMMA needs: {missing}")
+    with torch.no_grad():
+        for key, value in weights.items():
+            target = own[key]
+            if value.shape == target.shape:
+                target.copy_(value)
+            elif (
+                key in ("model.language_model.embed_tokens.weight", "lm_head.weight")
+                and value.shape[1:] == target.shape[1:]
+                and value.shape[0] < target.shape[0]
+            ):
+                target[: value.shape[0]] = value
+                target[value.shape[0] :] = value.float().mean(0).to(value.dtype)
+            else:
+                raise ValueError(
+                    f"{key} has shape {tuple(value.shape)} in its checkpoint, EMMA expects {tuple(target.shape)}"
+                )
+
+
+def build_emma_from_components(
+    llm: str | Path,
+    vision: str | Path,
+    vae: str | Path,
+    image_processor: EmmaImageProcessor | None = None,
+    **config_overrides,
+) -> tuple[EmmaForConditionalGeneration, EmmaProcessor]:
+    """
+    Build EMMA from a Qwen3 causal-LM checkpoint, a SigLIP2 (vision or full) checkpoint and a diffusers
+    `AutoencoderDC` checkpoint (folders or Hub ids, as those libraries save them): shared weights copied, the `gen`
+    stream initialised from `und`, the STEM expert from the versatile one, adapters and heads fresh with the velocity
+    head's output at zero, and the tokenizer extended with EMMA's special tokens. `config_overrides` go to
+    [`EmmaConfig`] (e.g. `num_shallow_layers`, `vision_moe_layers`).
+    """
+    text_config = AutoConfig.from_pretrained(llm)
+    if text_config.model_type != "qwen3":
+        raise ValueError(f"llm must be a Qwen3 checkpoint, {str(llm)!r} has model_type {text_config.model_type!r}")
+    vision_config = AutoConfig.from_pretrained(vision)
+    vision_config = getattr(vision_config, "vision_config", vision_config)
+    if vision_config.model_type != "siglip2_vision_model":
+        raise ValueError(f"vision must be a SigLIP2 checkpoint, {str(vision)!r} is {vision_config.model_type!r}")
+    vae_config = {key: value for key, value in AutoencoderDC.load_config(vae).items() if not key.startswith("_")}
+
+    processor = EmmaProcessor(image_processor or EmmaImageProcessor(), AutoTokenizer.from_pretrained(llm))
+    text_config = text_config.to_dict()
+    text_config["vocab_size"] = max(text_config["vocab_size"], len(processor.tokenizer))
+    config = EmmaConfig(
+        text_config=text_config,
+        vision_config={**vision_config.to_dict(), "vision_use_head": False},
+        vae_config=vae_config,
+        **{**processor.emma_token_ids, **config_overrides},
+    )
+    model = EmmaForConditionalGeneration(config)
+    weights = mapped_component_weights(
+        config,
+        read_safetensors(llm, SAFE_WEIGHTS_NAME),
+        read_safetensors(vision, SAFE_WEIGHTS_NAME),
+        read_safetensors(vae, DIFFUSERS_WEIGHTS_NAME),
+    )
+    load_component_weights(model, weights)
+    model.model.initialize_gen_stream_from_und()
+    model.model.initialize_experts_from_versatile()
+    with torch.no_grad():
+        model.velocity_head.linear_2.weight.zero_()
+        model.velocity_head.linear_2.bias.zero_()
+    model.tie_weights()
+    sync_special_tokens(model, processor)
+    return model.eval(), processor
 
 
 def sync_special_tokens(model: EmmaForConditionalGeneration, processor: EmmaProcessor) -> None:

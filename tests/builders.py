@@ -171,3 +171,54 @@ def run_python_without_emma_hf(script: str, args: list[str], workdir, hf_home) -
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220)}
+
+
+def square_image(colour: str, size: int = 64):
+    """A white picture with one coloured square in the middle."""
+    import PIL.Image
+
+    image = PIL.Image.new("RGB", (size, size), (255, 255, 255))
+    image.paste(COLOURS[colour], (size // 4, size // 4, 3 * size // 4, 3 * size // 4))
+    return image
+
+
+def write_toy_dataset(folder, size: int = 64) -> dict:
+    """Tiny JSONL files of each task (coloured squares: questions, drawings, recolouring) and their images."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for colour in COLOURS:
+        square_image(colour, size).save(folder / "images" / f"{colour}.png")
+    understanding = [
+        {
+            "images": [f"images/{colour}.png"],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image"}, {"type": "text", "text": "What colour is the square?"}],
+                },
+                {"role": "assistant", "content": f"The square is {colour}."},
+            ],
+        }
+        for colour in COLOURS
+    ]
+    text_to_image = [{"prompt": f"Draw a {colour} square.", "image": f"images/{colour}.png"} for colour in COLOURS]
+    edit = [
+        {
+            "image": f"images/{source}.png",
+            "instruction": f"Make the square {target}.",
+            "target": f"images/{target}.png",
+        }
+        for source in COLOURS
+        for target in COLOURS
+        if source != target
+    ]
+    paths = {}
+    for task, records in (("understanding", understanding), ("text_to_image", text_to_image), ("edit", edit)):
+        paths[task] = folder / f"{task}.jsonl"
+        paths[task].write_text("".join(json.dumps(record) + "\n" for record in records))
+    return paths

@@ -38,6 +38,13 @@ def convert(args: argparse.Namespace) -> None:
     print(f"EMMA checkpoint written to {args.output}")
 
 
+def train(args: argparse.Namespace) -> None:
+    """Run a training recipe (stage, data, model, LoRA, output) from a YAML config."""
+    from .training import TrainConfig, run_training
+
+    run_training(TrainConfig.from_yaml(args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emma-hf", description="EMMA: understanding, generation and editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     convert_parser.add_argument("--max-shard-size", default="5GB")
     convert_parser.set_defaults(run=convert)
+
+    train_parser = commands.add_parser("train", help="train a stage (or LoRA) from a YAML config")
+    train_parser.add_argument("config", help="YAML file: model, stage, output_dir, data, training, ... (see docs)")
+    train_parser.set_defaults(run=train)
     return parser
 
 

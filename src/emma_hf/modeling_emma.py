@@ -584,6 +584,8 @@ class EmmaPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = False
     _can_compile_fullgraph = False
+    # The loss is a mean over the batch's tokens and images; the Trainer then averages over accumulation steps.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: EmmaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -860,6 +862,21 @@ class EmmaModel(EmmaPreTrainedModel):
         return inputs_embeds
 
 
+def sample_flow_timesteps(
+    config: EmmaConfig, image_token_counts: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Training `t` per image: diffusers' density sampling (logit-normal by default), then the resolution shift."""
+    u = compute_density_for_timestep_sampling(
+        config.flow_weighting_scheme,
+        len(image_token_counts),
+        logit_mean=config.flow_logit_mean,
+        logit_std=config.flow_logit_std,
+        generator=generator,
+    )
+    shift = torch.tensor([config.flow_shift_for(count) for count in image_token_counts])
+    return shift * u / (1 + (shift - 1) * u)
+
+
 class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
     """EMMA with `lm_head` (chat, understanding) and `velocity_head` (text-to-image, editing)."""
 
@@ -894,17 +911,8 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
     def sample_timesteps(
         self, image_token_counts: Sequence[int], generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Training `t` per image: diffusers' density sampling (logit-normal by default), then the resolution shift."""
-        config = self.config
-        u = compute_density_for_timestep_sampling(
-            config.flow_weighting_scheme,
-            len(image_token_counts),
-            logit_mean=config.flow_logit_mean,
-            logit_std=config.flow_logit_std,
-            generator=generator,
-        )
-        shift = torch.tensor([config.flow_shift_for(count) for count in image_token_counts])
-        return shift * u / (1 + (shift - 1) * u)
+        """Training `t` per image: see [`sample_flow_timesteps`]."""
+        return sample_flow_timesteps(self.config, image_token_counts, generator)
 
     def forward(
         self,

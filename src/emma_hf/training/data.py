@@ -1,0 +1,304 @@
+"""
+Training data: one JSONL format per task, datasets that read lines lazily, a deterministic task mixture, and the
+collator that turns mixed samples into one padded EMMA batch.
+
+Formats (one JSON object per line; image paths relative to the JSONL file):
+
+    understanding   {"images": ["cat.png"], "messages": [
+                        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                        {"role": "assistant", "content": "A cat."}]}
+                    `content` is a string or a list of text/image items; image items take `images` in order.
+    text_to_image   {"prompt": "a red circle", "image": "circle.png"}
+    edit            {"image": "before.png", "instruction": "make it blue", "target": "after.png"}
+"""
+
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+
+from ..configuration_emma import EmmaConfig
+from ..modeling_emma import sample_flow_timesteps
+from ..processing_emma import (
+    CHAT_TOKENS,
+    GEN_START_TOKEN,
+    GEN_TOKEN,
+    VISION_END_TOKEN,
+    VISION_START_TOKEN,
+    EmmaProcessor,
+)
+
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("understanding", "text_to_image", "edit")
+REQUIRED_FIELDS = {
+    "understanding": {"images": list, "messages": list},
+    "text_to_image": {"prompt": str, "image": str},
+    "edit": {"image": str, "instruction": str, "target": str},
+}
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A training sample that cannot be used, located by file and line."""
+
+
+class JsonlDataset(Dataset):
+    """
+    The samples of one task's JSONL file. Only line offsets are read up front; each item is parsed, checked and its
+    images opened when it is asked for. `on_error="skip"` logs a bad line and uses the next good one instead of
+    raising.
+    """
+
+    def __init__(self, path: str | Path, task: str, on_error: str = "raise"):
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.path, self.task, self.on_error = Path(path), task, on_error
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{task} data file not found: {str(self.path)!r}")
+        self.offsets, self.line_numbers = [], []
+        with self.path.open("rb") as file:
+            offset = 0
+            for number, line in enumerate(file, start=1):
+                if line.strip():
+                    self.offsets.append(offset)
+                    self.line_numbers.append(number)
+                offset += len(line)
+        if not self.offsets:
+            raise DataError(f"{self.path}: no samples")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self)):
+            position = (index + attempt) % len(self)
+            try:
+                return self.read(position)
+            except DataError as error:
+                if self.on_error == "raise":
+                    raise
+                logger.warning("skipping a bad sample: %s", error)
+        raise DataError(f"{self.path}: every sample is bad")
+
+    def read(self, position: int) -> dict:
+        where = f"{self.path}:{self.line_numbers[position]}"
+        with self.path.open("rb") as file:
+            file.seek(self.offsets[position])
+            line = file.readline()
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from error
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: each line must be a JSON object")
+        for name, kind in REQUIRED_FIELDS[self.task].items():
+            if name not in record:
+                raise DataError(f"{where}: {self.task} samples need the field {name!r} ({kind.__name__})")
+            if not isinstance(record[name], kind):
+                raise DataError(
+                    f"{where}: field {name!r} must be a {kind.__name__}, got {type(record[name]).__name__}"
+                )
+        sample = {"task": self.task, "where": where}
+        if self.task == "understanding":
+            sample["messages"] = record["messages"]
+            sample["images"] = [self.open_image(path, where) for path in record["images"]]
+            count = sum(
+                1
+                for message in record["messages"]
+                if isinstance(message.get("content"), list)
+                for item in message["content"]
+                if item.get("type") == "image"
+            )
+            if count != len(sample["images"]):
+                raise DataError(
+                    f"{where}: the messages hold {count} image items but 'images' lists {len(sample['images'])}"
+                )
+        elif self.task == "text_to_image":
+            sample["prompt"], sample["target"] = record["prompt"], self.open_image(record["image"], where)
+        else:
+            sample["instruction"] = record["instruction"]
+            sample["images"] = [self.open_image(record["image"], where)]
+            sample["target"] = self.open_image(record["target"], where)
+        return sample
+
+    def open_image(self, relative_path: str, where: str) -> PIL.Image.Image:
+        path = self.path.parent / relative_path
+        try:
+            with PIL.Image.open(path) as image:
+                return image.copy()
+        except FileNotFoundError as error:
+            raise DataError(f"{where}: image file not found: {str(path)!r}") from error
+        except (PIL.UnidentifiedImageError, OSError) as error:
+            raise DataError(f"{where}: {str(path)!r} is not a readable image ({error})") from error
+
+
+class TaskMixture(Dataset):
+    """
+    Samples of several tasks interleaved in fixed proportions (smooth weighted round-robin, so every stretch of the
+    sequence has the mix), each task's dataset cycled. `num_samples` defaults to enough for every dataset to be seen
+    once.
+    """
+
+    def __init__(
+        self, datasets: dict[str, Dataset], ratios: dict[str, float] | None = None, num_samples: int | None = None
+    ):
+        ratios = {task: 1.0 for task in datasets} if ratios is None else {t: float(r) for t, r in ratios.items() if r}
+        unknown = sorted(set(ratios) - set(datasets))
+        if unknown or not ratios or any(r < 0 for r in ratios.values()):
+            raise ValueError(
+                f"task ratios must be positive and name tasks with data ({sorted(datasets)}); got {ratios}"
+                + (f", no data for {unknown}" if unknown else "")
+            )
+        self.datasets = {task: datasets[task] for task in ratios}
+        fractions = {task: Fraction(ratio).limit_denominator(1000) for task, ratio in ratios.items()}
+        shares = {task: fraction / sum(fractions.values()) for task, fraction in fractions.items()}
+        if num_samples is None:
+            num_samples = max(math.ceil(len(self.datasets[task]) / share) for task, share in shares.items())
+        credit = dict.fromkeys(shares, Fraction(0))
+        seen = dict.fromkeys(shares, 0)
+        self.schedule = []
+        for _ in range(num_samples):
+            for task in credit:
+                credit[task] += shares[task]
+            task = max(credit, key=credit.get)
+            credit[task] -= 1
+            self.schedule.append((task, seen[task] % len(self.datasets[task])))
+            seen[task] += 1
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, index: int) -> dict:
+        task, position = self.schedule[index]
+        return {**self.datasets[task][position], "index": index}
+
+
+@dataclass
+class EmmaCollator:
+    """
+    Mixed samples -> one right-padded batch for [`EmmaForConditionalGeneration.forward`]: `input_ids`,
+    `attention_mask`, `labels` (loss on assistant text only: answers, and `<|gen_start|><|vision_start|>` ...
+    `<|im_end|>` around a generated image), context images (`pixel_values`, `vae_pixel_values`) and the images to
+    generate (`target_pixel_values`).
+
+    With `noise_seed`, each sample's flow-matching noise and `t` come from a generator seeded by the seed and the
+    sample's `index`, so a batch's loss does not depend on how samples are spread over processes; without it the
+    model draws them.
+    """
+
+    processor: EmmaProcessor
+    config: EmmaConfig
+    noise_seed: int | None = None
+
+    def __call__(self, samples: Sequence[dict]) -> dict:
+        rows, context_images, targets, target_indices = [], [], [], []
+        for sample in samples:
+            if sample["task"] == "understanding":
+                segments = self.conversation_segments(sample["messages"])
+            else:
+                text = sample["prompt"] if sample["task"] == "text_to_image" else sample["instruction"]
+                segments = self.generation_segments(text, sample["task"] == "edit")
+            context_images += sample.get("images", [])
+            if "target" in sample:
+                targets.append(sample["target"])
+                target_indices.append(sample.get("index", 0))
+            rows.append(segments)
+
+        batch = {}
+        grids = []
+        if context_images:
+            processed = self.processor.image_processor(context_images, return_tensors="pt")
+            batch["pixel_values"], batch["vae_pixel_values"] = processed["pixel_values"], processed["vae_pixel_values"]
+            grids += processed["image_grid_hw"].prod(-1).tolist()
+        target_grids = []
+        if targets:
+            processed = self.processor.image_processor(targets, return_tensors="pt")
+            batch["target_pixel_values"] = processed["vae_pixel_values"]
+            target_grids = processed["image_grid_hw"].tolist()
+        ids, labels = self.tokenize(rows, grids, [rows_ * cols for rows_, cols in target_grids])
+        length = max(len(row) for row in ids)
+        pad_id = self.processor.tokenizer.pad_token_id
+        batch["input_ids"] = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        batch["attention_mask"] = torch.zeros(len(ids), length, dtype=torch.long)
+        batch["labels"] = torch.full((len(ids), length), IGNORE_INDEX, dtype=torch.long)
+        for row, (row_ids, row_labels) in enumerate(zip(ids, labels)):
+            batch["input_ids"][row, : len(row_ids)] = torch.tensor(row_ids)
+            batch["attention_mask"][row, : len(row_ids)] = 1
+            batch["labels"][row, : len(row_ids)] = torch.tensor(row_labels)
+        if targets and self.noise_seed is not None:
+            batch["noise"], batch["timesteps"] = self.seeded_noise(target_grids, target_indices)
+        return batch
+
+    def conversation_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
+        """The chat split into (text, is_label) pieces: the text of assistant turns is labelled, headers are not."""
+        segments, rendered = [], ""
+        for turn in range(len(messages)):
+            with_turn = self.processor.apply_chat_template(messages[: turn + 1])
+            piece = with_turn[len(rendered) :]
+            if messages[turn]["role"] == "assistant":
+                header = self.processor.apply_chat_template(messages[:turn], add_generation_prompt=True)[
+                    len(rendered) :
+                ]
+                body = piece[len(header) :]
+                answer = body.rstrip("\n")
+                segments += [(header, False), (answer, True), (body[len(answer) :], False)]
+            else:
+                segments.append((piece, False))
+            rendered = with_turn
+        return segments
+
+    def generation_segments(self, text: str, with_image: bool) -> list[tuple[str, bool]]:
+        """A user turn asking for an image, and the assistant's image block (its placeholders unlabelled)."""
+        prompt = self.processor.generation_prompt(text, with_image)
+        opening = GEN_START_TOKEN + VISION_START_TOKEN
+        return [
+            (prompt[: -len(opening)], False),
+            (opening, True),
+            (GEN_TOKEN, False),
+            (VISION_END_TOKEN, False),
+            (CHAT_TOKENS[1], True),
+            ("\n", False),
+        ]
+
+    def tokenize(
+        self, rows: list[list[tuple[str, bool]]], image_sizes: list[int], target_sizes: list[int]
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        """Token ids and labels per row; each image placeholder becomes one token per 32x32 cell of its image."""
+        tokenizer = self.processor.tokenizer
+        image_id, gen_id = self.config.image_token_id, self.config.gen_token_id
+        images, gens = iter(image_sizes), iter(target_sizes)
+        all_ids, all_labels = [], []
+        for segments in rows:
+            ids, labels = [], []
+            for text, is_label in segments:
+                for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+                    count = next(images) if token == image_id else next(gens) if token == gen_id else 1
+                    ids += [token] * count
+                    labels += [
+                        token if is_label and count == 1 and token not in (image_id, gen_id) else IGNORE_INDEX
+                    ] * count
+            all_ids.append(ids)
+            all_labels.append(labels)
+        return all_ids, all_labels
+
+    def seeded_noise(
+        self, target_grids: list[list[int]], indices: list[int]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        noise, timesteps = [], []
+        channels = self.config.vae_config["latent_channels"]
+        for (rows, cols), index in zip(target_grids, indices):
+            generator = torch.Generator().manual_seed(self.noise_seed * 1_000_003 + index)
+            noise.append(torch.randn(channels, rows, cols, generator=generator))
+            timesteps.append(sample_flow_timesteps(self.config, [rows * cols], generator))
+        return noise, torch.cat(timesteps)

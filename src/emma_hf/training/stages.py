@@ -1,0 +1,122 @@
+"""
+The paper's training stages as presets: which parameters train, the vision router mode while training, the task mix
+and a default learning rate. The DC-AE is frozen in every stage.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+def is_und_adapter(name: str) -> bool:
+    return name.startswith("model.und_adapter.")
+
+
+def is_stem_expert(name: str) -> bool:
+    return ".mlp.experts." in name and ".mlp.experts.0." not in name
+
+
+def is_router(name: str) -> bool:
+    return name.startswith("model.vision_tower.router.")
+
+
+def is_not_vae(name: str) -> bool:
+    return not name.startswith("model.vae.")
+
+
+@dataclass(frozen=True)
+class StagePreset:
+    """
+    trains: which parameter names train (all others are frozen).
+    router_mode: `vision_router_mode` while training: stages 0-3 run the original SigLIP2 MLP (`versatile`), the
+        expert-tuning stage forces `stem`, the router-tuning stage mixes experts (`soft`) so the router gets a gradient.
+    task_ratios: default mix of understanding / text-to-image / edit samples.
+    learning_rate: default peak learning rate.
+    """
+
+    name: str
+    description: str
+    trains: Callable[[str], bool]
+    router_mode: str
+    task_ratios: dict[str, float] = field(default_factory=dict)
+    learning_rate: float = 1e-4
+
+
+STAGES = {
+    preset.name: preset
+    for preset in (
+        StagePreset(
+            "align",
+            "stage 0: the understanding adapter only",
+            is_und_adapter,
+            "versatile",
+            {"understanding": 1.0},
+            1e-3,
+        ),
+        StagePreset(
+            "pretrain",
+            "stage 1: everything but the DC-AE, understanding and generation 1:1",
+            is_not_vae,
+            "versatile",
+            {"understanding": 1.0, "text_to_image": 1.0},
+            1e-4,
+        ),
+        StagePreset(
+            "sft",
+            "stage 2: everything but the DC-AE, understanding, generation and editing 1:1:1",
+            is_not_vae,
+            "versatile",
+            {"understanding": 1.0, "text_to_image": 1.0, "edit": 1.0},
+            5e-5,
+        ),
+        StagePreset(
+            "quality",
+            "stage 3: everything but the DC-AE on high-quality data, lr 1e-5",
+            is_not_vae,
+            "versatile",
+            {"understanding": 1.0, "text_to_image": 1.0, "edit": 1.0},
+            1e-5,
+        ),
+        StagePreset(
+            "moe-expert",
+            "stage 4 (ET): the STEM expert only",
+            is_stem_expert,
+            "stem",
+            {"understanding": 1.0},
+            1e-4,
+        ),
+        StagePreset(
+            "moe-router",
+            "stage 4 (RT): the vision router only",
+            is_router,
+            "soft",
+            {"understanding": 1.0},
+            1e-4,
+        ),
+    )
+}
+STAGE_ALIASES = {"0": "align", "1": "pretrain", "2": "sft", "3": "quality", "4": "moe-expert"}
+
+
+def get_stage(stage: str | int) -> StagePreset:
+    """A stage by name (`align`, `pretrain`, `sft`, `quality`, `moe-expert`, `moe-router`) or number 0-4."""
+    name = STAGE_ALIASES.get(str(stage), str(stage))
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; use one of {sorted(STAGES)} or 0-4")
+    return STAGES[name]
+
+
+def apply_stage(model: nn.Module, stage: str | int) -> list[str]:
+    """Set `requires_grad` and the vision router mode for `stage`; return the names of the trainable parameters."""
+    preset = get_stage(stage)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "vision_router_mode"):
+        raise TypeError(f"apply_stage needs an EMMA model, got {type(model).__name__}")
+    config.vision_router_mode = preset.router_mode
+    trainable = []
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(preset.trains(name))
+        if parameter.requires_grad:
+            trainable.append(name)
+    return trainable

@@ -1,0 +1,188 @@
+"""Training: data formats and collator, stage presets, LoRA presets, the Trainer recipe, resuming."""
+
+import json
+
+import pytest
+import torch
+from builders import tiny_chat_model, write_toy_dataset
+from peft import PeftModel, get_peft_model
+
+from emma_hf.training import (
+    STAGES,
+    DataError,
+    EmmaCollator,
+    JsonlDataset,
+    TaskMixture,
+    apply_stage,
+    emma_lora_config,
+    get_stage,
+    lora_target_modules,
+)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy_dataset(tmp_path_factory.mktemp("toy"))
+
+
+def mixed_batch(toy, model, processor, noise_seed=0, indices=(0, 1, 2)):
+    mixture = TaskMixture({task: JsonlDataset(path, task) for task, path in toy.items()})
+    return EmmaCollator(processor, model.config, noise_seed)([mixture[i] for i in indices])
+
+
+def test_collator_labels_only_assistant_text_and_expands_images(toy):
+    model, processor = tiny_chat_model(seed=0)
+    batch = mixed_batch(toy, model, processor)
+    tokenizer = processor.tokenizer
+    decoded_labels = [tokenizer.decode(row[row >= 0]) for row in batch["labels"]]
+    assert decoded_labels == [
+        "The square is red.<|im_end|>",
+        "<|gen_start|><|vision_start|><|im_end|>",
+        "<|gen_start|><|vision_start|><|im_end|>",
+    ]
+    config = model.config
+    assert (batch["input_ids"] == config.image_token_id).sum(-1).tolist() == [4, 0, 4]
+    assert (batch["input_ids"] == config.gen_token_id).sum(-1).tolist() == [0, 4, 4]
+    assert batch["target_pixel_values"].shape == (2, 3, 64, 64) and batch["pixel_values"].shape == (2, 3, 64, 64)
+    mask = batch["attention_mask"]
+    assert bool((mask.diff(dim=-1) <= 0).all()) and mask[:, 0].all() and not mask.all()
+    assert bool((batch["labels"][mask == 0] == -100).all())
+    assert bool((batch["input_ids"][mask == 0] == processor.tokenizer.pad_token_id).all())
+    again = mixed_batch(toy, model, processor)
+    assert all(torch.equal(a, b) for a, b in zip(batch["noise"], again["noise"]))
+    assert not torch.equal(batch["noise"][0], mixed_batch(toy, model, processor, noise_seed=1)["noise"][0])
+    output = model(**batch)
+    assert output.ce_loss is not None and output.fm_loss is not None
+
+
+def test_mixture_follows_the_ratios():
+    datasets = {"understanding": list(range(3)), "text_to_image": list(range(5)), "edit": list(range(2))}
+    even = TaskMixture({task: [{"task": task, "n": n} for n in items] for task, items in datasets.items()})
+    assert [even.schedule[i][0] for i in range(6)] == ["understanding", "text_to_image", "edit"] * 2
+    assert len(even) == 15
+    skewed = TaskMixture(
+        {task: [{"task": task}] * len(items) for task, items in datasets.items()},
+        {"understanding": 2, "text_to_image": 1},
+        num_samples=30,
+    )
+    tasks = [task for task, _ in skewed.schedule]
+    assert tasks.count("understanding") == 20 and tasks.count("text_to_image") == 10 and "edit" not in tasks
+    with pytest.raises(ValueError, match="task ratios"):
+        TaskMixture({"edit": [1]}, {"understanding": 1})
+
+
+def test_bad_lines_name_file_and_line_and_can_be_skipped(tmp_path, toy):
+    path = tmp_path / "edit.jsonl"
+    good = toy["edit"].read_text().splitlines()[0].replace('"images/', f'"{toy["edit"].parent}/images/')
+    path.write_text(good + "\n" + json.dumps({"image": "a.png", "target": "b.png"}) + "\n\n{not json\n" + good + "\n")
+    strict = JsonlDataset(path, "edit")
+    assert len(strict) == 4
+    with pytest.raises(DataError, match=rf"{path}:2: edit samples need the field 'instruction'"):
+        strict[1]
+    with pytest.raises(DataError, match=rf"{path}:4: not valid JSON"):
+        strict[2]
+    lenient = JsonlDataset(path, "edit", on_error="skip")
+    assert lenient[1]["instruction"] == strict[0]["instruction"]
+    missing = tmp_path / "t2i.jsonl"
+    missing.write_text(json.dumps({"prompt": "x", "image": "nowhere.png"}) + "\n")
+    with pytest.raises(DataError, match=r"t2i.jsonl:1: image file not found: .*nowhere.png"):
+        JsonlDataset(missing, "text_to_image")[0]
+    with pytest.raises(ValueError, match="task must be one of"):
+        JsonlDataset(path, "captioning")
+
+
+EXPECTED_TRAINABLE = {
+    "align": lambda name: name.startswith("model.und_adapter."),
+    "pretrain": lambda name: not name.startswith("model.vae."),
+    "sft": lambda name: not name.startswith("model.vae."),
+    "quality": lambda name: not name.startswith("model.vae."),
+    "moe-expert": lambda name: ".mlp.experts.1." in name,
+    "moe-router": lambda name: name.startswith("model.vision_tower.router."),
+}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_stage_trains_exactly_its_parameters(stage, toy):
+    model, processor = tiny_chat_model(seed=1)
+    trainable = apply_stage(model, stage)
+    names = [name for name, _ in model.named_parameters()]
+    assert trainable == [name for name in names if EXPECTED_TRAINABLE[stage](name)] and trainable
+    assert not any(name.startswith("model.vae.") for name in trainable)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(**mixed_batch(toy, model, processor)).loss.backward()
+    optimizer.step()
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            # Routing decides which expert runs: the stage's router mode leaves the unused expert and router idle.
+            idle = stage in ("align", "pretrain", "sft", "quality") and (".mlp.experts.1." in name or "router" in name)
+            assert idle or not torch.equal(parameter, before[name]), name
+        else:
+            assert torch.equal(parameter, before[name]), name
+    assert get_stage(2).name == "sft" and get_stage("4").name == "moe-expert"
+    with pytest.raises(ValueError, match="unknown stage 'warmup'"):
+        get_stage("warmup")
+
+
+def text_logits(model, processor):
+    ids = processor.tokenizer(["What colour is the square?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_lora_generation_preset_leaves_chat_untouched(toy, tmp_path):
+    model, processor = tiny_chat_model(seed=2)
+    reference = text_logits(model, processor)
+    targets = lora_target_modules(model, "generation")
+    assert targets and all(
+        ".gen." in name or name.startswith(("model.gen_adapter", "model.time_embed", "velocity_head"))
+        for name in targets
+    )
+    peft_model = get_peft_model(model, emma_lora_config(model, "generation", r=4, lora_alpha=8))
+    peft_model.gradient_checkpointing_enable()
+    peft_model.enable_input_require_grads()
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    for _ in range(3):
+        peft_model(**mixed_batch(toy, model, processor)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    assert torch.equal(text_logits(peft_model, processor), reference)
+    batch = mixed_batch(toy, model, processor)
+    with torch.no_grad():
+        adapted = peft_model(**batch).velocity
+        with peft_model.disable_adapter():
+            plain = peft_model(**batch).velocity
+    assert not torch.allclose(adapted, plain)
+
+    peft_model.save_pretrained(tmp_path / "adapter")
+    fresh, _ = tiny_chat_model(seed=2)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).velocity, adapted)
+    merged = loaded.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).velocity, adapted, atol=1e-5, rtol=0)
+
+
+def test_named_adapters_switch(toy):
+    model, processor = tiny_chat_model(seed=3)
+    peft_model = get_peft_model(model, emma_lora_config(model, "generation", r=4), adapter_name="edits")
+    peft_model.add_adapter("chat", emma_lora_config(model, "understanding", r=4))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    peft_model.eval()
+    batch = mixed_batch(toy, model, processor)
+    outputs = {}
+    for adapter in ("edits", "chat"):
+        peft_model.set_adapter(adapter)
+        with torch.no_grad():
+            outputs[adapter] = peft_model(**batch)
+    assert not torch.equal(outputs["edits"].velocity, outputs["chat"].velocity)
+    assert not torch.equal(outputs["edits"].logits, outputs["chat"].logits)
+    with pytest.raises(ValueError, match="unknown LoRA preset"):
+        lora_target_modules(model, "vision")

@@ -140,7 +140,7 @@ def test_lora_generation_preset_leaves_chat_untouched(toy, tmp_path):
         for name in targets
     )
     peft_model = get_peft_model(model, emma_lora_config(model, "generation", r=4, lora_alpha=8))
-    peft_model.gradient_checkpointing_enable()
+    peft_model.activation_checkpointing_enable()
     peft_model.enable_input_require_grads()
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()

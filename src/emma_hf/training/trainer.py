@@ -17,7 +17,7 @@ The config (YAML):
     noise_seed: null                 # fixed flow-matching noise per sample (reproducible across process counts)
     lora: {preset: generation, r: 16, lora_alpha: 32, lora_dropout: 0.0}   # optional
     resume: false                    # true: the last checkpoint in output_dir; or a checkpoint path
-    training: {max_steps: 1000, per_device_train_batch_size: 4, bf16: true, gradient_checkpointing: true}
+    training: {max_steps: 1000, per_device_train_batch_size: 4, bf16: true, activation_checkpointing: true}
                                      # any transformers.TrainingArguments field; learning_rate defaults to the stage's
 """
 
@@ -133,7 +133,8 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
         "output_dir": config.output_dir,
         "remove_unused_columns": False,
     }
-    if arguments.get("gradient_checkpointing") and config.lora is not None:
+    checkpointing = arguments.get("activation_checkpointing") or arguments.get("gradient_checkpointing")
+    if checkpointing and config.lora is not None:
         model.enable_input_require_grads()
     return EmmaTrainer(
         model=model,

@@ -82,23 +82,9 @@ CORPUS = [
 
 def tiny_tokenizer():
     """A byte-level BPE trained on a few sentences, wrapped as Qwen3's tokenizer class (without EMMA's tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
+    from emma_hf.shapes.tokenizer import train_bpe_tokenizer
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS, trainer)
-    state = json.loads(bpe.to_str())["model"]
-    merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in state["merges"]]
-    return Qwen2Tokenizer(
-        vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    return train_bpe_tokenizer(CORPUS, vocab_size=300)
 
 
 def tiny_processor(max_pixels: int = 96 * 96):

@@ -45,6 +45,102 @@ def train(args: argparse.Namespace) -> None:
     run_training(TrainConfig.from_yaml(args.config))
 
 
+def load_pipeline(args: argparse.Namespace):
+    """The pipeline of `--model` (folder or Hub id), or of the shapes model shipped in the package."""
+    from .pipeline_emma import EmmaPipeline
+    from .shipped import shipped_model_path
+
+    pipe = EmmaPipeline.from_pretrained(str(args.model or shipped_model_path()), dtype=torch.float32)
+    pipe.model.eval()
+    return pipe
+
+
+def generation_settings(args: argparse.Namespace) -> dict:
+    return {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.guidance,
+        "generator": torch.Generator().manual_seed(args.seed),
+    }
+
+
+def generate(args: argparse.Namespace) -> None:
+    """Draw PROMPT into FILE."""
+    pipe = load_pipeline(args)
+    image = pipe(args.prompt, height=args.height, width=args.width, **generation_settings(args)).images[0]
+    image.save(args.output)
+    print(f"wrote {args.output}")
+
+
+def edit(args: argparse.Namespace) -> None:
+    """Apply INSTRUCTION to IMAGE, into FILE."""
+    pipe = load_pipeline(args)
+    settings = generation_settings(args)
+    image = pipe(args.instruction, image=args.image, image_guidance_scale=args.image_guidance, **settings).images[0]
+    image.save(args.output)
+    print(f"wrote {args.output}")
+
+
+def chat(args: argparse.Namespace) -> None:
+    """Answer QUESTION about --image, streaming the answer."""
+    from transformers import TextStreamer
+
+    pipe = load_pipeline(args)
+    content = [{"type": "image", "image": args.image}] if args.image else []
+    messages = [{"role": "user", "content": [*content, {"type": "text", "text": args.question}]}]
+    inputs = pipe.processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    pipe.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+
+
+def evaluate_shapes(args: argparse.Namespace) -> None:
+    """SHAPES.md scores on scenes drawn with --seed, as a table (and JSON with --json)."""
+    from tqdm.auto import tqdm
+
+    from .shapes import evaluate, score_table
+
+    pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    scores = evaluate(
+        pipe,
+        seed=args.seed,
+        num_questions=args.questions,
+        num_prompts=args.prompts,
+        num_edits=args.edits,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        image_guidance_scale=args.image_guidance,
+        progress=tqdm,
+    )
+    table = score_table(scores)
+    print(table)
+    if args.json:
+        import json
+
+        rows = {task: {kind: rate for kind, rate, _ in task_scores.rows()} for task, task_scores in scores.items()}
+        with open(args.json, "w") as file:
+            json.dump(rows, file, indent=2)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """A contact sheet: prompts and their images, edits before and after, questions with answers."""
+    from .shapes.demo import contact_sheet
+
+    pipe = load_pipeline(args)
+    pipe.set_progress_bar_config(disable=True)
+    contact_sheet(pipe, **generation_settings(args), image_guidance_scale=args.image_guidance).save(args.output)
+    print(f"wrote {args.output}")
+
+
+def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> None:
+    parser.add_argument("--model", help="EMMA folder or Hub id (default: the shapes model shipped with emma_hf)")
+    if drawing:
+        parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+        parser.add_argument("--steps", type=int, default=20, help="denoising steps")
+        parser.add_argument("--guidance", type=float, default=3.0, help="text guidance scale (<= 1: off)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emma-hf", description="EMMA: understanding, generation and editing.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +166,44 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser("train", help="train a stage (or LoRA) from a YAML config")
     train_parser.add_argument("config", help="YAML file: model, stage, output_dir, data, training, ... (see docs)")
     train_parser.set_defaults(run=train)
+
+    generate_parser = commands.add_parser("generate", help="draw an image from a prompt")
+    generate_parser.add_argument("prompt")
+    generate_parser.add_argument("-o", "--output", required=True, help="image file to write")
+    generate_parser.add_argument("--height", type=int)
+    generate_parser.add_argument("--width", type=int)
+    add_model_options(generate_parser)
+    generate_parser.set_defaults(run=generate)
+
+    edit_parser = commands.add_parser("edit", help="edit an image by an instruction")
+    edit_parser.add_argument("image", help="image file to edit")
+    edit_parser.add_argument("instruction")
+    edit_parser.add_argument("-o", "--output", required=True, help="image file to write")
+    edit_parser.add_argument("--image-guidance", type=float, default=1.5, help="source-image guidance (<= 1: off)")
+    add_model_options(edit_parser)
+    edit_parser.set_defaults(run=edit)
+
+    chat_parser = commands.add_parser("chat", help="answer a question about an image")
+    chat_parser.add_argument("question")
+    chat_parser.add_argument("--image", help="image file the question is about")
+    chat_parser.add_argument("--max-new-tokens", type=int, default=64)
+    add_model_options(chat_parser, drawing=False)
+    chat_parser.set_defaults(run=chat)
+
+    eval_parser = commands.add_parser("eval", help="the shapes-world scores (SHAPES.md) as a table")
+    eval_parser.add_argument("--questions", type=int, default=500)
+    eval_parser.add_argument("--prompts", type=int, default=200)
+    eval_parser.add_argument("--edits", type=int, default=200)
+    eval_parser.add_argument("--image-guidance", type=float, default=1.5)
+    eval_parser.add_argument("--json", help="also write the scores to this JSON file")
+    add_model_options(eval_parser)
+    eval_parser.set_defaults(run=evaluate_shapes, seed=1234)
+
+    demo_parser = commands.add_parser("demo", help="write a contact sheet of all three tasks")
+    demo_parser.add_argument("-o", "--output", default="emma-demo.png", help="PNG file to write")
+    demo_parser.add_argument("--image-guidance", type=float, default=1.5)
+    add_model_options(demo_parser)
+    demo_parser.set_defaults(run=demo)
     return parser
 
 

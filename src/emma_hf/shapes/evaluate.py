@@ -1,0 +1,126 @@
+"""The scores of SHAPES.md for an EMMA pipeline: understanding, text-to-image and editing, per kind and overall,
+with the held-out `purple triangle` rows apart."""
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .checker import check_edit, check_prompt
+from .data import edit_set, prompt_set, question_set
+from .world import EDIT_TYPES, HELD_OUT, PROMPT_CATEGORIES, QUESTION_TYPES, render
+
+
+HELD_OUT_ROW = "purple triangle (held out)"
+
+
+@dataclass
+class TaskScores:
+    """Pass counts per kind; `overall` is the mean over the kinds (SHAPES.md), `held_out` apart."""
+
+    kinds: tuple[str, ...]
+    passed: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    total: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, ok: bool, held_out: bool = False) -> None:
+        for row in (kind, HELD_OUT_ROW) if held_out else (kind,):
+            self.passed[row] += int(ok)
+            self.total[row] += 1
+
+    def rate(self, row: str) -> float:
+        return self.passed[row] / self.total[row] if self.total[row] else float("nan")
+
+    @property
+    def overall(self) -> float:
+        return sum(self.rate(kind) for kind in self.kinds) / len(self.kinds)
+
+    def rows(self) -> list[tuple[str, float, int]]:
+        rows = [(kind, self.rate(kind), self.total[kind]) for kind in self.kinds]
+        rows.append(("overall (mean of kinds)", self.overall, sum(self.total[k] for k in self.kinds)))
+        if self.total[HELD_OUT_ROW]:
+            rows.append((HELD_OUT_ROW, self.rate(HELD_OUT_ROW), self.total[HELD_OUT_ROW]))
+        return rows
+
+
+def mentions_held_out(text: str) -> bool:
+    return " ".join(HELD_OUT) in text
+
+
+def answer_questions(pipe, questions: list, batch_size: int, max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers of the chat model to (scene, question) pairs, in batches."""
+    model, processor = pipe.model, pipe.processor
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        messages = [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.text}]}]
+            for _, question in chunk
+        ]
+        texts = [processor.apply_chat_template(m, add_generation_prompt=True) for m in messages]
+        inputs = processor(text=texts, images=[render(scene) for scene, _ in chunk], return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs.to(model.device), max_new_tokens=max_new_tokens, do_sample=False)
+        answers += [
+            a.strip() for a in processor.post_process_image_text_to_text(output[:, inputs["input_ids"].shape[1] :])
+        ]
+    return answers
+
+
+def evaluate(
+    pipe,
+    seed: int = 1234,
+    num_questions: int = 500,
+    num_prompts: int = 200,
+    num_edits: int = 200,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 3.0,
+    image_guidance_scale: float = 1.5,
+    batch_size: int = 25,
+    progress: Callable | None = None,
+) -> dict[str, TaskScores]:
+    """Score the pipeline's model on freshly drawn scenes (`seed` must be one training never used)."""
+    canvas = pipe.processor.image_processor.size.height or 96
+    progress = progress or (lambda iterable, **kwargs: iterable)
+    scores = {
+        "understanding": TaskScores(QUESTION_TYPES),
+        "text_to_image": TaskScores(PROMPT_CATEGORIES),
+        "edit": TaskScores(EDIT_TYPES),
+    }
+    questions = question_set(seed, num_questions, canvas)
+    answers = answer_questions(pipe, questions, batch_size)
+    for (_, question), answer in zip(questions, answers):
+        scores["understanding"].add(question.kind, answer == question.answer, mentions_held_out(question.text))
+
+    generator = torch.Generator().manual_seed(seed)
+    settings = {"num_inference_steps": num_inference_steps, "generator": generator, "height": canvas, "width": canvas}
+    prompts = prompt_set(seed + 1, num_prompts, canvas)
+    for start in progress(range(0, len(prompts), batch_size), desc="text-to-image"):
+        chunk = prompts[start : start + batch_size]
+        images = pipe([p.text for p in chunk], guidance_scale=guidance_scale, **settings).images
+        for prompt, image in zip(chunk, images):
+            scores["text_to_image"].add(prompt.category, check_prompt(prompt, image), prompt.mentions_held_out())
+
+    edits = edit_set(seed + 2, num_edits, canvas)
+    for start in progress(range(0, len(edits), batch_size), desc="editing"):
+        chunk = edits[start : start + batch_size]
+        sources = [render(edit.source) for edit in chunk]
+        images = pipe(
+            [edit.instruction for edit in chunk],
+            image=sources,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            **settings,
+        ).images
+        for edit, source, image in zip(chunk, sources, images):
+            scores["edit"].add(edit.kind, check_edit(edit, source, image), edit.target.holds_held_out())
+    return scores
+
+
+def score_table(scores: dict[str, TaskScores]) -> str:
+    """The scores as a Markdown table."""
+    lines = ["| task | kind | score | n |", "| --- | --- | --- | --- |"]
+    for task, task_scores in scores.items():
+        for kind, rate, count in task_scores.rows():
+            lines.append(f"| {task} | {kind} | {rate:.3f} | {count} |")
+    return "\n".join(lines)

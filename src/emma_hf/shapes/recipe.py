@@ -1,0 +1,121 @@
+"""
+The shapes model's recipe, step by step (docs/shapes.md gives the commands and their times):
+
+    python -m emma_hf.shapes.recipe autoencoder runs/shapes/dc-ae          # the small DC-AE
+    python -m emma_hf.shapes.recipe data runs/shapes/data                  # training JSONL + PNGs (seed 0)
+    python -m emma_hf.shapes.recipe init runs/shapes/init --autoencoder runs/shapes/dc-ae/final
+    emma-hf train examples/shapes/stage0-align.yaml                        # ... then stage1, stage2, stage3
+    python -m emma_hf.shapes.recipe ship runs/shapes/stage3/final          # bf16 copy into the package
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderDC
+
+from ..configuration_emma import EmmaConfig
+from ..convert import export_checkpoint
+from ..modeling_emma import EmmaForConditionalGeneration
+from ..processing_emma import EmmaImageProcessor, EmmaProcessor
+from .autoencoder import train_autoencoder
+from .data import corpus, write_training_data
+from .tokenizer import train_bpe_tokenizer
+
+
+CANVAS = 96
+SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "shipped" / "shapes-emma"
+TEXT_CONFIG = {
+    "model_type": "qwen3",
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 512,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+}
+VISION_CONFIG = {
+    "model_type": "siglip2_vision_model",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "patch_size": 16,
+    "num_patches": (CANVAS // 16) ** 2,
+    "vision_use_head": False,
+}
+# Data sizes of the shipped model (seed 0); evaluation uses other seeds.
+NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS = 6000, 3000, 3000
+
+
+def initial_model(autoencoder_path: str | Path, seed: int = 0) -> tuple[EmmaForConditionalGeneration, EmmaProcessor]:
+    """A randomly initialised shapes EMMA around the trained DC-AE, with the world's tokenizer."""
+    tokenizer = train_bpe_tokenizer(corpus(seed), vocab_size=400)
+    processor = EmmaProcessor(EmmaImageProcessor(size={"height": CANVAS, "width": CANVAS}), tokenizer)
+    autoencoder = AutoencoderDC.from_pretrained(autoencoder_path)
+    vae_config = {key: value for key, value in autoencoder.config.items() if not key.startswith("_")}
+    torch.manual_seed(seed)
+    config = EmmaConfig(
+        text_config={**TEXT_CONFIG, "vocab_size": len(tokenizer)},
+        vision_config=VISION_CONFIG,
+        vae_config=vae_config,
+        vision_moe_layers=[3],
+        **processor.emma_token_ids,
+    )
+    model = EmmaForConditionalGeneration(config)
+    model.model.vae.load_state_dict(autoencoder.state_dict())
+    model.model.initialize_gen_stream_from_und()
+    model.model.initialize_experts_from_versatile()
+    with torch.no_grad():
+        model.velocity_head.linear_2.weight.zero_()
+        model.velocity_head.linear_2.bias.zero_()
+    return model, processor
+
+
+def ship(checkpoint: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
+    """Copy a trained checkpoint into the package as bf16 (the DC-AE stays float32 for exact decoding)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = model.to(torch.bfloat16)
+    if destination.exists():
+        shutil.rmtree(destination)
+    export_checkpoint(model, processor, destination, model_name="shapes-emma", license="apache-2.0")
+    return destination
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m emma_hf.shapes.recipe", description=__doc__.split("\n\n")[0])
+    steps = parser.add_subparsers(dest="step", required=True)
+    autoencoder = steps.add_parser("autoencoder", help="train the DC-AE")
+    autoencoder.add_argument("output")
+    autoencoder.add_argument("--steps", type=int, default=2500)
+    data = steps.add_parser("data", help="write the training data")
+    data.add_argument("output")
+    data.add_argument("--seed", type=int, default=0)
+    init = steps.add_parser("init", help="write the randomly initialised EMMA checkpoint")
+    init.add_argument("output")
+    init.add_argument("--autoencoder", required=True)
+    shipping = steps.add_parser("ship", help="copy a trained checkpoint into the package (bf16)")
+    shipping.add_argument("checkpoint")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.step == "autoencoder":
+        train_autoencoder(args.output, max_steps=args.steps, canvas=CANVAS)
+    elif args.step == "data":
+        write_training_data(args.output, args.seed, NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS, CANVAS)
+    elif args.step == "init":
+        model, processor = initial_model(args.autoencoder)
+        export_checkpoint(model, processor, args.output, model_name="shapes-emma-init")
+    else:
+        print(ship(args.checkpoint))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

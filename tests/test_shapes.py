@@ -1,0 +1,105 @@
+"""The shapes world: rendering, words with their ground truth, the checker reading rendered scenes back exactly."""
+
+import random
+
+import numpy as np
+import pytest
+
+from emma_hf.shapes.checker import check_edit, check_prompt, detect, signature
+from emma_hf.shapes.data import edit_set, prompt_set, question_set, write_training_data
+from emma_hf.shapes.world import (
+    CELLS,
+    COLORS,
+    EDIT_TYPES,
+    PROMPT_CATEGORIES,
+    QUESTION_TYPES,
+    Scene,
+    ShapeObject,
+    describe,
+    random_scene,
+    render,
+)
+
+
+@pytest.mark.parametrize("canvas", [96, 128])
+def test_checker_reads_rendered_scenes_back_exactly(canvas):
+    rng = random.Random(canvas)
+    for _ in range(150):
+        scene = random_scene(rng, canvas)
+        assert signature(detect(render(scene))) == scene.signature()
+
+
+def test_closest_neighbours_of_one_colour_stay_apart():
+    """The worst case the spec allows: largest boxes, offsets towards each other, same colour in adjacent cells."""
+    for canvas in (96, 128):
+        size, shift = 0.22 * canvas * 1.1, 0.04 * canvas
+        left = ShapeObject("red", "square", 3, size, shift, shift)
+        right = ShapeObject("red", "square", 4, size, -shift, shift)
+        below = ShapeObject("red", "circle", 7, size, -shift, -shift)
+        scene = Scene((left, right, below), canvas)
+        assert signature(detect(render(scene))) == scene.signature()
+
+
+def test_palette_and_canvas_follow_the_spec():
+    scene = Scene((ShapeObject("yellow", "square", 4, 30.0),), 96)
+    pixels = np.asarray(render(scene))
+    assert pixels.shape == (96, 96, 3) and tuple(pixels[0, 0]) == (255, 255, 255)
+    assert tuple(pixels[48, 48]) == COLORS["yellow"]
+
+
+def test_prompts_pass_on_their_own_scenes_and_fail_on_others():
+    prompts = prompt_set(seed=3, count=100, canvas=96)
+    assert [p.category for p in prompts[:5]] == list(PROMPT_CATEGORIES)
+    for prompt in prompts:
+        assert check_prompt(prompt, render(prompt.scene)), prompt.text
+    empty = render(Scene((), 96))
+    assert not any(check_prompt(prompt, empty) for prompt in prompts)
+    shuffled = prompts[1:] + prompts[:1]
+    assert sum(check_prompt(p, render(other.scene)) for p, other in zip(prompts, shuffled)) < 10
+
+
+def test_edits_pass_on_their_targets_and_fail_on_the_source():
+    edits = edit_set(seed=4, count=100, canvas=96)
+    assert [e.kind for e in edits[:5]] == list(EDIT_TYPES)
+    for edit in edits:
+        source, target = render(edit.source), render(edit.target)
+        assert check_edit(edit, source, target), edit.instruction
+        assert not check_edit(edit, source, source), edit.instruction
+
+
+def test_an_edit_that_moves_an_untouched_object_fails():
+    edits = [e for e in edit_set(seed=5, count=60, canvas=96) if e.kind == "recolor" and e.untouched]
+    edit = edits[0]
+    before, _ = edit.untouched[0]
+    nudged = Scene(
+        tuple(
+            o if o is not before else ShapeObject(o.color, o.shape, o.cell, o.size * 0.75, o.dx, o.dy)
+            for o in edit.target.objects
+        ),
+        96,
+    )
+    assert signature(detect(render(nudged))) == edit.target.signature()
+    assert not check_edit(edit, render(edit.source), render(nudged))
+
+
+def test_questions_have_exact_answers():
+    pairs = question_set(seed=6, count=120, canvas=96)
+    assert [q.kind for _, q in pairs[:6]] == list(QUESTION_TYPES)
+    for scene, question in pairs:
+        if question.kind == "describe":
+            assert question.answer == describe(scene) and question.answer.startswith("a ")
+        if question.kind == "where":
+            assert question.answer in CELLS
+        if question.kind == "count":
+            assert question.answer in ("zero", "one", "two", "three")
+
+
+def test_training_data_keeps_the_held_out_pair_out_of_generation(tmp_path):
+    paths = write_training_data(tmp_path, seed=7, num_questions=60, num_prompts=200, num_edits=200)
+    prompts = paths["text_to_image"].read_text()
+    assert "purple triangle" not in prompts and len(prompts.splitlines()) == 200
+    held_out_targets = [
+        e for e in edit_set(seed=7 + 2, count=200, canvas=96, training=True) if e.target.holds_held_out()
+    ]
+    assert not held_out_targets
+    assert "purple" in paths["understanding"].read_text() and "triangle" in paths["understanding"].read_text()

@@ -1,5 +1,11 @@
 """`emma-hf params` prints the component sizes of a preset or a saved config."""
 
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+
 from emma_hf.cli import main
 from emma_hf.configuration_emma import EmmaConfig
 
@@ -12,3 +18,92 @@ def test_params_for_a_preset_and_a_saved_config(tmp_path, capsys):
     EmmaConfig.from_preset("tiny").save_pretrained(tmp_path)
     assert main(["params", "--model", str(tmp_path)]) == 0
     assert f"EMMA {tmp_path}" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def exported_tiny(tmp_path_factory):
+    from builders import tiny_chat_model
+
+    from emma_hf.convert import export_checkpoint
+
+    model, processor = tiny_chat_model(seed=21)
+    return export_checkpoint(model, processor, tmp_path_factory.mktemp("cli") / "emma-tiny")
+
+
+def test_generate_edit_chat_and_demo_commands(exported_tiny, tmp_path, capsys):
+    model = ["--model", str(exported_tiny)]
+    drawing = ["--steps", "2", "--seed", "3"]
+    assert (
+        main(
+            [
+                "generate",
+                "a red circle",
+                "-o",
+                str(tmp_path / "drawn.png"),
+                "--height",
+                "64",
+                "--width",
+                "96",
+                *model,
+                *drawing,
+            ]
+        )
+        == 0
+    )
+    drawn = PIL.Image.open(tmp_path / "drawn.png")
+    assert drawn.size == (96, 64)
+    main(
+        [
+            "generate",
+            "a red circle",
+            "-o",
+            str(tmp_path / "again.png"),
+            "--height",
+            "64",
+            "--width",
+            "96",
+            *model,
+            *drawing,
+        ]
+    )
+    assert np.array_equal(np.asarray(drawn), np.asarray(PIL.Image.open(tmp_path / "again.png")))
+
+    assert (
+        main(
+            ["edit", str(tmp_path / "drawn.png"), "make it blue", "-o", str(tmp_path / "edited.png"), *model, *drawing]
+        )
+        == 0
+    )
+    assert PIL.Image.open(tmp_path / "edited.png").size == (96, 64)
+
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "chat",
+                "--image",
+                str(tmp_path / "drawn.png"),
+                "what color is the circle?",
+                "--max-new-tokens",
+                "4",
+                *model,
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.strip()
+
+    assert main(["demo", "-o", str(tmp_path / "sheet.png"), *model, "--steps", "1"]) == 0
+    sheet = PIL.Image.open(tmp_path / "sheet.png")
+    assert sheet.width >= 5 * 96 and sheet.height >= 3 * 96
+
+
+def test_eval_command_prints_every_row(exported_tiny, tmp_path, capsys):
+    arguments = ["eval", "--model", str(exported_tiny), "--questions", "12", "--prompts", "10", "--edits", "10"]
+    assert main([*arguments, "--steps", "1", "--json", str(tmp_path / "scores.json")]) == 0
+    table = capsys.readouterr().out
+    for row in ("single object", "relation", "describe", "replace", "overall (mean of kinds)"):
+        assert row in table
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores) == {"understanding", "text_to_image", "edit"}
+    assert all(0.0 <= rate <= 1.0 for task in scores.values() for rate in task.values() if rate == rate)

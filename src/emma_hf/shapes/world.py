@@ -216,31 +216,30 @@ def describe(scene: Scene) -> str:
     return " and ".join(f"{o.phrase()} at the {CELLS[o.cell]}" for o in ordered)
 
 
+def unique_by(objects, key) -> list[ShapeObject]:
+    """The objects that `key` (a shape, a colour, a kind) names without ambiguity."""
+    values = [key(o) for o in objects]
+    return [o for o in objects if values.count(key(o)) == 1]
+
+
 def random_question(rng: random.Random, scene: Scene, kind: str) -> Question | None:
     """A question of `kind` about `scene` with its exact answer, or None where the scene cannot ask it."""
     objects = scene.objects
-    if kind == "color":
-        shapes = [o.shape for o in objects]
-        unique = [o for o in objects if shapes.count(o.shape) == 1]
+    if kind in ("color", "shape", "where"):
+        key = {"color": lambda o: o.shape, "shape": lambda o: o.color, "where": lambda o: o.kind}[kind]
+        unique = unique_by(objects, key)
         if not unique:
             return None
         obj = rng.choice(unique)
-        return Question(kind, f"what color is the {obj.shape}?", obj.color)
-    if kind == "shape":
-        colors = [o.color for o in objects]
-        unique = [o for o in objects if colors.count(o.color) == 1]
-        if not unique:
-            return None
-        obj = rng.choice(unique)
-        return Question(kind, f"what shape is the {obj.color} object?", obj.shape)
+        text, answer = {
+            "color": (f"what color is the {obj.shape}?", obj.color),
+            "shape": (f"what shape is the {obj.color} object?", obj.shape),
+            "where": (f"where is the {obj.color} {obj.shape}?", CELLS[obj.cell]),
+        }[kind]
+        return Question(kind, text, answer)
     if kind == "count":
         shape = rng.choice(SHAPES)
         return Question(kind, f"how many {shape}s are there?", NUMBERS[sum(o.shape == shape for o in objects)])
-    if kind == "where":
-        kinds = [o.kind for o in objects]
-        unique = [o for o in objects if kinds.count(o.kind) == 1]
-        obj = rng.choice(unique) if unique else None
-        return None if obj is None else Question(kind, f"where is the {obj.color} {obj.shape}?", CELLS[obj.cell])
     if kind == "exists":
         color, shape = rng.choice([o.kind for o in objects]) if rng.random() < 0.5 else random_kind(rng)
         answer = "yes" if any(o.kind == (color, shape) for o in objects) else "no"
@@ -278,7 +277,7 @@ def random_edit(rng: random.Random, scene: Scene, kind: str) -> Edit | None:
         new = placed(rng, color, shape, cell, canvas)
         target = Scene((*objects, new), canvas)
         return Edit(kind, f"add a {color} {shape} at the {CELLS[cell]}", scene, target, tuple((o, o) for o in objects))
-    named = [i for i, o in enumerate(objects) if kinds.count(o.kind) == 1]
+    named = [i for i, o in enumerate(objects) if o in unique_by(objects, lambda item: item.kind)]
     if not named:
         return None
     index = rng.choice(named)

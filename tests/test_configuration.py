@@ -46,6 +46,7 @@ def test_presets_and_defaults():
         ({"flow_logit_std": 0.0}, "flow_logit_std"),
         ({"flow_weighting_scheme": "cosmap"}, "flow_weighting_scheme"),
         ({"fm_weight": -1.0}, "fm_weight"),
+        ({"image_position_scale": 0.0}, "image_position_scale"),
     ],
 )
 def test_impossible_values_name_the_field(overrides, field):

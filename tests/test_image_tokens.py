@@ -4,6 +4,8 @@ import pytest
 import torch
 from builders import image_span, random_image, random_latent, tiny_model
 
+from emma_hf.modeling_emma import sincos_2d
+
 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (64, 96), (512, 512), (256, 512)])
 def test_context_and_gen_token_counts(model, height, width):
@@ -18,6 +20,22 @@ def test_context_and_gen_token_counts(model, height, width):
     assert context_tokens.shape == (expected, config.text_config.hidden_size)
     assert latent.shape == (config.vae_config["latent_channels"], height // 32, width // 32)
     assert gen_tokens.shape == (expected, config.text_config.hidden_size)
+
+
+def test_image_position_scale_spreads_the_cells_of_both_streams(model):
+    """Same weights, positions 8x further apart: tokens move by the sin-cos difference only, cells grow apart."""
+    spread = tiny_model(image_position_scale=8.0)
+    spread.load_state_dict(model.state_dict())
+    image = random_image(96, 96, seed=0)
+    with torch.no_grad():
+        latent = model.model.encode_latents(image[None])[0][None]
+        context = [m.model.get_image_features(image[None], image[None])[0] for m in (model, spread)]
+        gen = [m.model.embed_noisy_latents(latent, torch.tensor([0.5]))[0] for m in (model, spread)]
+    hidden = model.config.text_config.hidden_size
+    near, far = sincos_2d(3, 3, hidden, "cpu", 1.0).float(), sincos_2d(3, 3, hidden, "cpu", 8.0).float()
+    torch.testing.assert_close(context[1] - context[0], far - near, atol=1e-5, rtol=0)
+    torch.testing.assert_close(gen[1] - gen[0], far - near, atol=1e-5, rtol=0)
+    assert torch.pdist(far).min() > 2.5 * torch.pdist(near).min()
 
 
 def test_512_edit_uses_512_visual_tokens(model):

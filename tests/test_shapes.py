@@ -67,19 +67,26 @@ def test_edits_pass_on_their_targets_and_fail_on_the_source():
         assert not check_edit(edit, source, source), edit.instruction
 
 
-def test_an_edit_that_moves_an_untouched_object_fails():
-    edits = [e for e in edit_set(seed=5, count=60, canvas=96) if e.kind == "recolor" and e.untouched]
-    edit = edits[0]
-    before, _ = edit.untouched[0]
-    nudged = Scene(
-        tuple(
-            o if o is not before else ShapeObject(o.color, o.shape, o.cell, o.size * 0.75, o.dx, o.dy)
-            for o in edit.target.objects
-        ),
-        96,
-    )
-    assert signature(detect(render(nudged))) == edit.target.signature()
-    assert not check_edit(edit, render(edit.source), render(nudged))
+REDRAWS = {
+    "shifted within its cell": lambda o, canvas: ShapeObject(
+        o.color, o.shape, o.cell, o.size, o.dx - 0.08 * canvas if o.dx > 0 else o.dx + 0.08 * canvas, o.dy
+    ),
+    "redrawn smaller": lambda o, canvas: ShapeObject(o.color, o.shape, o.cell, o.size * 0.75, o.dx, o.dy),
+}
+
+
+@pytest.mark.parametrize("redraw", REDRAWS)
+def test_an_edit_that_redraws_an_untouched_object_fails(redraw):
+    """Same colours, shapes and cells everywhere, so only the preservation rule (mask IoU >= 0.8) can catch it."""
+    canvas = 96
+    for edit in [e for e in edit_set(seed=5, count=60, canvas=canvas) if e.untouched][:10]:
+        before, _ = edit.untouched[0]
+        redrawn = Scene(
+            tuple(o if o is not before else REDRAWS[redraw](o, canvas) for o in edit.target.objects), canvas
+        )
+        assert signature(detect(render(redrawn))) == edit.target.signature(), edit.instruction
+        assert check_edit(edit, render(edit.source), render(edit.target)), edit.instruction
+        assert not check_edit(edit, render(edit.source), render(redrawn)), edit.instruction
 
 
 def test_questions_have_exact_answers():

@@ -170,6 +170,9 @@ class EmmaConfig(PreTrainedConfig):
         und_adapter_hidden_size / gen_adapter_hidden_size / velocity_head_hidden_size (`int`, *optional*): widths
             of the MLPs; default to the decoder's hidden size.
         timestep_embedding_dim (`int`): sinusoidal channels of the timestep before its MLP.
+        image_position_scale (`float`): cell coordinates are multiplied by this before the 2-D sin-cos embeddings.
+            At 1 a grid of a few cells varies only the fastest frequencies, a weak signal next to the tokens'
+            content; small-canvas models spread their positions over more frequencies with a larger value.
         image_token_id / gen_token_id (`int`): placeholders of context-image and generated-image tokens.
         vision_start_token_id / vision_end_token_id / gen_start_token_id (`int`): delimiters written by the processor.
         flow_*: flow-matching defaults; t ~ logit-normal(`flow_logit_mean`, `flow_logit_std`), then shifted by
@@ -203,6 +206,7 @@ class EmmaConfig(PreTrainedConfig):
     gen_adapter_hidden_size: int | None = None
     velocity_head_hidden_size: int | None = None
     timestep_embedding_dim: int = 256
+    image_position_scale: float = 1.0
 
     image_token_id: int = 151655
     vision_start_token_id: int = 151652
@@ -291,6 +295,8 @@ class EmmaConfig(PreTrainedConfig):
                 f"vision_config.patch_size * vision_unshuffle_factor = {patch_size} * {self.vision_unshuffle_factor} = "
                 f"{grid}; both encoders must give one token per {grid}x{grid} cell"
             )
+        if not self.image_position_scale > 0:
+            raise ValueError(f"image_position_scale must be a positive number, got {self.image_position_scale}")
         if self.text_config.hidden_size % 4:
             raise ValueError(
                 f"text_config.hidden_size must be a multiple of 4 (2-D sin-cos positions), got {self.text_config.hidden_size}"

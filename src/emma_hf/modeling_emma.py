@@ -117,6 +117,23 @@ class EmmaContext:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class RowPermutation(torch.autograd.Function):
+    """
+    `x.index_select(0, order)` for a permutation `order`. Its gradient is the inverse gather, where autograd's
+    generic rule scatters with `index_add_`, which on CPU took a quarter of a training step of the shapes model.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse_order)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse_order,) = ctx.saved_tensors
+        return grad_output.index_select(0, inverse_order), None, None
+
+
 class TokenStreams:
     """
     Which tokens are `und` and which are `gen`, as flat indices built once per forward.
@@ -131,10 +148,8 @@ class TokenStreams:
         self.all_und = self.num_gen == 0
         self.all_gen = not self.all_und and self.num_gen == self.num_tokens
         if not (self.all_und or self.all_gen):
-            order = torch.argsort(gen_mask.reshape(-1).to(torch.int8), stable=True)
-            num_und = self.num_tokens - self.num_gen
-            self.und_index, self.gen_index = order[:num_und], order[num_und:]
-            self.inverse_order = torch.argsort(order)
+            self.order = torch.argsort(gen_mask.reshape(-1).to(torch.int8), stable=True)
+            self.inverse_order = torch.argsort(self.order)
 
     @classmethod
     def only_gen(cls) -> "TokenStreams":
@@ -151,9 +166,10 @@ class TokenStreams:
             return gen_module(x)
         batch, seq = x.shape[:2]
         flat = x.reshape(batch * seq, *x.shape[2:])
-        und_out = und_module(flat.index_select(0, self.und_index))
-        gen_out = gen_module(flat.index_select(0, self.gen_index))
-        out = torch.cat([und_out, gen_out]).index_select(0, self.inverse_order)
+        und_in, gen_in = RowPermutation.apply(flat, self.order, self.inverse_order).split(
+            [self.num_tokens - self.num_gen, self.num_gen]
+        )
+        out = RowPermutation.apply(torch.cat([und_module(und_in), gen_module(gen_in)]), self.inverse_order, self.order)
         return out.reshape(batch, seq, *out.shape[1:])
 
 
@@ -429,12 +445,12 @@ class EmmaTimestepEmbedding(nn.Module):
         return self.timestep_embedder(features.to(self.timestep_embedder.linear_1.weight.dtype))
 
 
-def sincos_2d(height: int, width: int, dim: int, device: torch.device) -> torch.Tensor:
-    """2-D sin-cos embeddings `(height*width, dim)` of integer cell coordinates, row-major."""
+def sincos_2d(height: int, width: int, dim: int, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """2-D sin-cos embeddings `(height*width, dim)` of cell coordinates times `scale`, row-major."""
     grid = torch.stack(
         torch.meshgrid(
-            torch.arange(width, device=device, dtype=torch.float32),
-            torch.arange(height, device=device, dtype=torch.float32),
+            torch.arange(width, device=device, dtype=torch.float32) * scale,
+            torch.arange(height, device=device, dtype=torch.float32) * scale,
             indexing="xy",
         )
     )
@@ -695,7 +711,10 @@ class EmmaModel(EmmaPreTrainedModel):
             grid = semantic[i, : patch_h * patch_w].reshape(patch_h, patch_w, -1).permute(2, 0, 1)
             fused = torch.cat([F.pixel_unshuffle(grid, factor), latent.to(grid.device, grid.dtype)])
             embeds = self.und_adapter(flatten_grid(fused).to(adapter_dtype))
-            tokens.append(embeds + sincos_2d(*latent.shape[-2:], embeds.shape[-1], embeds.device).to(embeds.dtype))
+            positions = sincos_2d(
+                *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
+            )
+            tokens.append(embeds + positions.to(embeds.dtype))
         return tokens
 
     def embed_noisy_latents(self, noisy_latents: ImageInput, timesteps: torch.Tensor) -> list[torch.Tensor]:
@@ -713,8 +732,10 @@ class EmmaModel(EmmaPreTrainedModel):
         tokens = []
         for latent, time_embed in zip(latents, time_embeds):
             embeds = self.gen_adapter(flatten_grid(latent.to(device=time_embed.device, dtype=adapter_dtype)))
-            positions = sincos_2d(*latent.shape[-2:], embeds.shape[-1], embeds.device).to(embeds.dtype)
-            tokens.append(embeds + positions + time_embed)
+            positions = sincos_2d(
+                *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
+            )
+            tokens.append(embeds + positions.to(embeds.dtype) + time_embed)
         return tokens
 
     def forward(

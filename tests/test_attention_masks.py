@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from builders import image_span, mixed_batch, random_image, random_latent, tiny_model
+from builders import tiny_model
+
+from emma_hf.testing_utils import image_span, mixed_batch, random_image, random_latent
 
 
 IMPLEMENTATIONS = ["eager", "sdpa"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from builders import random_image, tiny_config, tiny_tokenizer
+from builders import tiny_config, tiny_tokenizer
 from diffusers import AutoencoderDC
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -19,6 +19,7 @@ from transformers import (
 from emma_hf.cli import main
 from emma_hf.convert import build_emma_from_components
 from emma_hf.modeling_emma import patchify
+from emma_hf.testing_utils import random_image
 
 
 @pytest.fixture(scope="module")

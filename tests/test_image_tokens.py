@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from builders import image_span, random_image, random_latent, tiny_model
+from builders import tiny_model
 
 from emma_hf.modeling_emma import sincos_2d
+from emma_hf.testing_utils import image_span, random_image, random_latent
 
 
 @pytest.mark.parametrize(("height", "width"), [(32, 32), (64, 96), (512, 512), (256, 512)])

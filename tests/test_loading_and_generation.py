@@ -2,11 +2,12 @@
 
 import pytest
 import torch
-from builders import image_span, mixed_batch, random_image, tiny_model
+from builders import tiny_model
 from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from emma_hf import EmmaForConditionalGeneration, EmmaModel
+from emma_hf.testing_utils import image_span, mixed_batch, random_image
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -2,23 +2,12 @@
 
 import pytest
 import torch
-from builders import random_image, tiny_model
-from transformers import Qwen3ForCausalLM, Siglip2VisionModel
+from builders import tiny_model
+from transformers import Siglip2VisionModel
 
+from emma_hf.convert import qwen3_from_emma
 from emma_hf.modeling_emma import EmmaVisionMoeEncoderLayer, patchify
-
-
-def qwen3_with_emma_weights(emma) -> Qwen3ForCausalLM:
-    """A Qwen3ForCausalLM holding EMMA's und-stream weights."""
-    qwen = Qwen3ForCausalLM(emma.config.text_config).eval()
-    prefix = "model.language_model."
-    emma_state = emma.state_dict()
-    state = {}
-    for key in qwen.state_dict():
-        source = "lm_head.weight" if key == "lm_head.weight" else prefix + key.removeprefix("model.")
-        state[key] = emma_state[source]
-    qwen.load_state_dict(state)
-    return qwen
+from emma_hf.testing_utils import random_image
 
 
 def randomize_gen_stream(emma, seed: int) -> None:
@@ -38,7 +27,7 @@ def test_text_only_matches_qwen3(attn_implementation, gen_stream):
         emma.model.initialize_gen_stream_from_und()
     else:
         randomize_gen_stream(emma, seed=2)
-    qwen = qwen3_with_emma_weights(emma)
+    qwen = qwen3_from_emma(emma)
     qwen.config._attn_implementation = attn_implementation
 
     input_ids = torch.randint(0, 300, (2, 13), generator=torch.Generator().manual_seed(3))

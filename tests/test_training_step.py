@@ -1,9 +1,10 @@
 """One optimiser step on a mixed batch trains both streams and leaves the DC-AE alone."""
 
 import torch
-from builders import mixed_batch, tiny_model
+from builders import tiny_model
 
 from emma_hf.modeling_emma import TokenStreams
+from emma_hf.testing_utils import mixed_batch
 
 
 def test_mixed_batch_step_trains_both_streams_not_the_vae():

@@ -27,7 +27,7 @@ from diffusers import AutoencoderDC
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .configuration_emma import EmmaConfig
@@ -169,6 +169,23 @@ def build_emma_from_components(
     model.tie_weights()
     sync_special_tokens(model, processor)
     return model.eval(), processor
+
+
+def qwen3_from_emma(model: EmmaForConditionalGeneration) -> Qwen3ForCausalLM:
+    """
+    The chat half of EMMA as a plain `Qwen3ForCausalLM`: the decoder's `und` stream, embeddings and `lm_head`. On
+    text it gives EMMA's logits; serving stacks that know Qwen3 can run it without images.
+    """
+    qwen = Qwen3ForCausalLM(model.config.text_config)
+    emma_state = model.state_dict()
+    prefix = "model.language_model."
+    qwen.load_state_dict(
+        {
+            key: emma_state["lm_head.weight" if key == "lm_head.weight" else prefix + key.removeprefix("model.")]
+            for key in qwen.state_dict()
+        }
+    )
+    return qwen.to(model.dtype).eval()
 
 
 def sync_special_tokens(model: EmmaForConditionalGeneration, processor: EmmaProcessor) -> None:

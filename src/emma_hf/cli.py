@@ -138,7 +138,7 @@ def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> 
     if drawing:
         parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
         parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-        parser.add_argument("--guidance", type=float, default=3.0, help="text guidance scale (<= 1: off)")
+        parser.add_argument("--guidance", type=float, default=1.5, help="text guidance scale (<= 1: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_parser.add_argument("image", help="image file to edit")
     edit_parser.add_argument("instruction")
     edit_parser.add_argument("-o", "--output", required=True, help="image file to write")
-    edit_parser.add_argument("--image-guidance", type=float, default=1.5, help="source-image guidance (<= 1: off)")
+    edit_parser.add_argument("--image-guidance", type=float, default=1.0, help="source-image guidance (<= 1: off)")
     add_model_options(edit_parser)
     edit_parser.set_defaults(run=edit)
 
@@ -194,14 +194,14 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--questions", type=int, default=500)
     eval_parser.add_argument("--prompts", type=int, default=200)
     eval_parser.add_argument("--edits", type=int, default=200)
-    eval_parser.add_argument("--image-guidance", type=float, default=1.5)
+    eval_parser.add_argument("--image-guidance", type=float, default=1.0)
     eval_parser.add_argument("--json", help="also write the scores to this JSON file")
     add_model_options(eval_parser)
     eval_parser.set_defaults(run=evaluate_shapes, seed=1234)
 
     demo_parser = commands.add_parser("demo", help="write a contact sheet of all three tasks")
     demo_parser.add_argument("-o", "--output", default="emma-demo.png", help="PNG file to write")
-    demo_parser.add_argument("--image-guidance", type=float, default=1.5)
+    demo_parser.add_argument("--image-guidance", type=float, default=1.0)
     add_model_options(demo_parser)
     demo_parser.set_defaults(run=demo)
     return parser

@@ -74,8 +74,8 @@ def evaluate(
     num_prompts: int = 200,
     num_edits: int = 200,
     num_inference_steps: int = 20,
-    guidance_scale: float = 3.0,
-    image_guidance_scale: float = 1.5,
+    guidance_scale: float = 1.5,
+    image_guidance_scale: float = 1.0,
     batch_size: int = 25,
     progress: Callable | None = None,
 ) -> dict[str, TaskScores]:

@@ -1,11 +1,11 @@
 """
 The shapes model's recipe, step by step (docs/shapes.md gives the commands and their times):
 
-    python -m emma_hf.shapes.recipe autoencoder runs/shapes/dc-ae          # the small DC-AE
+    python -m emma_hf.shapes.recipe autoencoder runs/shapes-ae             # the small DC-AE
     python -m emma_hf.shapes.recipe data runs/shapes/data                  # training JSONL + PNGs (seed 0)
-    python -m emma_hf.shapes.recipe init runs/shapes/init --autoencoder runs/shapes/dc-ae/final
-    emma-hf train examples/shapes/stage0-align.yaml                        # ... then stage1, stage2, stage3
-    python -m emma_hf.shapes.recipe ship runs/shapes/stage3/final          # bf16 copy into the package
+    python -m emma_hf.shapes.recipe init runs/shapes/init --autoencoder runs/shapes-ae/final
+    emma-hf train examples/shapes/stage0-align.yaml                        # ... then stage1, 2, 2b, 3
+    python -m emma_hf.shapes.recipe ship runs/shapes/stage3-quality/final  # bf16 copy into the package
 """
 
 import argparse

@@ -1,0 +1,1514 @@
+# Copyright 2026 The emma_hf authors. Licensed under the Apache License, Version 2.0.
+"""Configuration of EMMA (arXiv 2512.04810): a Qwen3 decoder, a SigLIP2 encoder with MoE MLPs and a DC-AE."""
+
+import copy
+import math
+from typing import ClassVar
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+# Names of the decoder-layer parts that can have one copy per stream (`und` and `gen`).
+DECOUPLABLE_MODULES = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "q_norm",
+    "k_norm",
+    "input_layernorm",
+    "post_attention_layernorm",
+    "mlp",
+)
+# Auto class -> remote-code class, written into every saved config.json.
+AUTO_MAP = {
+    "AutoConfig": "configuration_emma.EmmaConfig",
+    "AutoModel": "modeling_emma.EmmaModel",
+    "AutoModelForImageTextToText": "modeling_emma.EmmaForConditionalGeneration",
+    "AutoProcessor": "processing_emma.EmmaProcessor",
+}
+VISION_ROUTER_MODES = ("top1", "soft", "versatile", "stem")
+FLOW_WEIGHTING_SCHEMES = ("logit_normal", "uniform")
+
+# DC-AE f32c32 as released with Sana (mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers).
+DC_AE_F32C32_CONFIG = {
+    "in_channels": 3,
+    "latent_channels": 32,
+    "attention_head_dim": 32,
+    "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3,
+    "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
+    "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
+    "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
+    "decoder_layers_per_block": [3, 3, 3, 3, 3, 3],
+    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "upsample_block_type": "interpolate",
+    "downsample_block_type": "Conv",
+    "decoder_norm_types": ["batch_norm"] * 3 + ["rms_norm"] * 3,
+    "decoder_act_fns": ["relu"] * 3 + ["silu"] * 3,
+    "scaling_factor": 0.41407,
+}
+
+PRESETS = {
+    "emma-4b": {
+        "text_config": {
+            "model_type": "qwen3",
+            "vocab_size": 151936,
+            "hidden_size": 2560,
+            "intermediate_size": 9728,
+            "num_hidden_layers": 36,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 8,
+            "head_dim": 128,
+            "max_position_embeddings": 40960,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
+            "tie_word_embeddings": True,
+            "bos_token_id": 151643,
+            "eos_token_id": 151645,
+        },
+        "vision_config": {
+            "model_type": "siglip2_vision_model",
+            "hidden_size": 1152,
+            "intermediate_size": 4304,
+            "num_hidden_layers": 27,
+            "num_attention_heads": 16,
+            "patch_size": 16,
+            "num_patches": 256,
+            "vision_use_head": False,
+        },
+        "vae_config": DC_AE_F32C32_CONFIG,
+        # Qwen3's own <|vision_start|>, <|vision_end|> and <|image_pad|>; the two generation tokens are added after
+        # the 151669 tokens of the Qwen3 tokenizer, inside its padded 151936-row embedding.
+        "image_token_id": 151655,
+        "vision_start_token_id": 151652,
+        "vision_end_token_id": 151653,
+        "gen_token_id": 151669,
+        "gen_start_token_id": 151670,
+    },
+    "tiny": {
+        "text_config": {
+            "model_type": "qwen3",
+            "vocab_size": 320,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 4096,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+            "tie_word_embeddings": False,
+        },
+        "vision_config": {
+            "model_type": "siglip2_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "patch_size": 16,
+            "num_patches": 64,
+            "vision_use_head": False,
+        },
+        "vae_config": {
+            "in_channels": 3,
+            "latent_channels": 32,
+            "attention_head_dim": 8,
+            "encoder_block_types": "ResBlock",
+            "decoder_block_types": "ResBlock",
+            "encoder_block_out_channels": [8, 8, 16, 16, 32, 32],
+            "decoder_block_out_channels": [8, 8, 16, 16, 32, 32],
+            "encoder_layers_per_block": [1, 1, 1, 1, 1, 1],
+            "decoder_layers_per_block": [1, 1, 1, 1, 1, 1],
+            "encoder_qkv_multiscales": [[], [], [], [], [], []],
+            "decoder_qkv_multiscales": [[], [], [], [], [], []],
+            "upsample_block_type": "interpolate",
+            "downsample_block_type": "Conv",
+            "scaling_factor": 1.0,
+        },
+        "vision_moe_layers": [1, 2],
+        "und_adapter_hidden_size": 128,
+        "gen_adapter_hidden_size": 64,
+        "velocity_head_hidden_size": 64,
+        "timestep_embedding_dim": 32,
+        "image_token_id": 310,
+        "vision_start_token_id": 311,
+        "vision_end_token_id": 312,
+        "gen_token_id": 313,
+        "gen_start_token_id": 314,
+    },
+}
+
+
+def vae_spatial_compression(vae_config: dict) -> int:
+    """Downsampling factor of an `AutoencoderDC`, as diffusers computes it."""
+    return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
+
+
+@strict
+class EmmaConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`EmmaModel`] and [`EmmaForConditionalGeneration`].
+
+    Args:
+        text_config (`dict` or `Qwen3Config`): the decoder; every layer gets a second (`gen`) copy of its decoupled parts.
+        vision_config (`dict` or `Siglip2VisionConfig`): the understanding encoder (SigLIP2, NaFlex patches).
+        vae_config (`dict`): keyword arguments of diffusers' `AutoencoderDC`, the frozen generation encoder/decoder.
+        num_shallow_layers (`int`, *optional*): layers `[0, num_shallow_layers)` share all weights except
+            `shallow_decoupled_modules`; deeper layers have a full copy per stream. Defaults to half the layers.
+        shallow_decoupled_modules (`list[str]`): parts with one copy per stream in shallow layers.
+        vision_moe_layers (`list[int]`, *optional*): SigLIP2 layers whose MLP becomes a mixture of experts.
+            Defaults to the last five layers (or all, for shorter encoders).
+        vision_num_experts (`int`): experts per MoE layer; expert 0 is `versatile`, expert 1 is `stem`.
+        vision_router_mode (`str`): `top1` (hard choice per image), `soft` (weighted sum, to train the router), or
+            `versatile` / `stem` to force one expert.
+        vision_unshuffle_factor (`int`): pixel-unshuffle of SigLIP2 patches; `patch_size * factor` must equal the
+            DC-AE downsampling so both encoders give one token per image cell.
+        und_adapter_hidden_size / gen_adapter_hidden_size / velocity_head_hidden_size (`int`, *optional*): widths
+            of the MLPs; default to the decoder's hidden size.
+        timestep_embedding_dim (`int`): sinusoidal channels of the timestep before its MLP.
+        image_position_scale (`float`): cell coordinates are multiplied by this before the 2-D sin-cos embeddings.
+            At 1 a grid of a few cells varies only the fastest frequencies, a weak signal next to the tokens'
+            content; small-canvas models spread their positions over more frequencies with a larger value.
+        image_token_id / gen_token_id (`int`): placeholders of context-image and generated-image tokens.
+        vision_start_token_id / vision_end_token_id / gen_start_token_id (`int`): delimiters written by the processor.
+        flow_*: flow-matching defaults; t ~ logit-normal(`flow_logit_mean`, `flow_logit_std`), then shifted by
+            `exp(mu)` where `mu` grows linearly with the image's token count from `flow_base_shift` at
+            `flow_base_image_seq_len` to `flow_max_shift` at `flow_max_image_seq_len` (the schedule of diffusers'
+            `FlowMatchEulerDiscreteScheduler` with dynamic shifting); `flow_shift` replaces it when
+            `flow_use_dynamic_shifting` is False.
+        ce_weight / fm_weight (`float`): loss = ce_weight * cross-entropy + fm_weight * flow-matching MSE.
+    """
+
+    model_type = "emma"
+    sub_configs_defaults: ClassVar = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3"),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="siglip2_vision_model", init_kwargs={"vision_use_head": False}
+        ),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
+    vae_config: dict | None = None
+
+    num_shallow_layers: int | None = None
+    shallow_decoupled_modules: list[str] | tuple[str, ...] = ("v_proj",)
+    vision_moe_layers: list[int] | tuple[int, ...] | None = None
+    vision_num_experts: int = 2
+    vision_router_mode: str = "top1"
+    vision_unshuffle_factor: int = 2
+
+    und_adapter_hidden_size: int | None = None
+    gen_adapter_hidden_size: int | None = None
+    velocity_head_hidden_size: int | None = None
+    timestep_embedding_dim: int = 256
+    image_position_scale: float = 1.0
+
+    image_token_id: int = 151655
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    gen_token_id: int = 151669
+    gen_start_token_id: int = 151670
+
+    flow_use_dynamic_shifting: bool = True
+    flow_shift: float = 3.0
+    flow_base_shift: float = 0.5
+    flow_max_shift: float = 1.15
+    flow_base_image_seq_len: int = 256
+    flow_max_image_seq_len: int = 4096
+    flow_weighting_scheme: str = "logit_normal"
+    flow_logit_mean: float = 0.0
+    flow_logit_std: float = 1.0
+    ce_weight: float = 1.0
+    fm_weight: float = 1.0
+
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        if self.vae_config is None:
+            self.vae_config = copy.deepcopy(DC_AE_F32C32_CONFIG)
+        self.vae_config = {key: value for key, value in self.vae_config.items() if not key.startswith("_")}
+        num_layers = self.text_config.num_hidden_layers
+        if self.num_shallow_layers is None:
+            self.num_shallow_layers = num_layers // 2
+        num_vision_layers = self.vision_config.num_hidden_layers
+        if self.vision_moe_layers is None:
+            self.vision_moe_layers = list(range(max(0, num_vision_layers - 5), num_vision_layers))
+        self.shallow_decoupled_modules = list(self.shallow_decoupled_modules)
+        self.vision_moe_layers = list(self.vision_moe_layers)
+        hidden_size = self.text_config.hidden_size
+        for name in ("und_adapter_hidden_size", "gen_adapter_hidden_size", "velocity_head_hidden_size"):
+            if getattr(self, name) is None:
+                setattr(self, name, hidden_size)
+        if self.text_config.tie_word_embeddings:
+            self.tie_word_embeddings = True
+        self.validate_emma()
+
+    def validate_emma(self) -> None:
+        """Refuse settings that cannot build a working model, naming the field at fault."""
+        num_layers = self.text_config.num_hidden_layers
+        if not 0 <= self.num_shallow_layers <= num_layers:
+            raise ValueError(
+                f"num_shallow_layers must be in [0, {num_layers}] (text_config.num_hidden_layers), "
+                f"got {self.num_shallow_layers}"
+            )
+        unknown = sorted(set(self.shallow_decoupled_modules) - set(DECOUPLABLE_MODULES))
+        if unknown:
+            raise ValueError(
+                f"shallow_decoupled_modules has unknown names {unknown}; allowed: {list(DECOUPLABLE_MODULES)}"
+            )
+        num_vision_layers = self.vision_config.num_hidden_layers
+        bad_layers = [i for i in self.vision_moe_layers if not 0 <= i < num_vision_layers]
+        if bad_layers or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
+            raise ValueError(
+                f"vision_moe_layers must be distinct indices in [0, {num_vision_layers}) "
+                f"(vision_config.num_hidden_layers), got {self.vision_moe_layers}"
+            )
+        if self.vision_num_experts < 1:
+            raise ValueError(f"vision_num_experts must be >= 1, got {self.vision_num_experts}")
+        if self.vision_router_mode not in VISION_ROUTER_MODES:
+            raise ValueError(
+                f"vision_router_mode must be one of {list(VISION_ROUTER_MODES)}, got {self.vision_router_mode!r}"
+            )
+        if self.vision_router_mode == "stem" and self.vision_num_experts < 2:
+            raise ValueError("vision_router_mode='stem' needs vision_num_experts >= 2")
+        patch_size = self.vision_config.patch_size
+        if not isinstance(patch_size, int):
+            raise ValueError(f"vision_config.patch_size must be one int (square patches), got {patch_size}")
+        for key in ("encoder_block_out_channels", "latent_channels"):
+            if key not in self.vae_config:
+                raise ValueError(
+                    f"vae_config needs {key!r} (AutoencoderDC keyword arguments), got {sorted(self.vae_config)}"
+                )
+        vae_downsampling = vae_spatial_compression(self.vae_config)
+        grid = patch_size * self.vision_unshuffle_factor
+        if vae_downsampling != grid:
+            raise ValueError(
+                f"vae_config downsamples by {vae_downsampling} but the understanding encoder's grid is "
+                f"vision_config.patch_size * vision_unshuffle_factor = {patch_size} * {self.vision_unshuffle_factor} = "
+                f"{grid}; both encoders must give one token per {grid}x{grid} cell"
+            )
+        if not self.image_position_scale > 0:
+            raise ValueError(f"image_position_scale must be a positive number, got {self.image_position_scale}")
+        if self.text_config.hidden_size % 4:
+            raise ValueError(
+                f"text_config.hidden_size must be a multiple of 4 (2-D sin-cos positions), got {self.text_config.hidden_size}"
+            )
+        for name in (
+            "und_adapter_hidden_size",
+            "gen_adapter_hidden_size",
+            "velocity_head_hidden_size",
+            "timestep_embedding_dim",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        token_fields = (
+            "image_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "gen_token_id",
+            "gen_start_token_id",
+        )
+        vocab_size = self.text_config.vocab_size
+        for name in token_fields:
+            if not 0 <= getattr(self, name) < vocab_size:
+                raise ValueError(
+                    f"{name} must be in [0, {vocab_size}) (text_config.vocab_size), got {getattr(self, name)}"
+                )
+        if len({getattr(self, name) for name in token_fields}) != len(token_fields):
+            raise ValueError(
+                f"special token ids must be distinct, got { ({name: getattr(self, name) for name in token_fields}) }"
+            )
+        if self.flow_weighting_scheme not in FLOW_WEIGHTING_SCHEMES:
+            raise ValueError(
+                f"flow_weighting_scheme must be one of {list(FLOW_WEIGHTING_SCHEMES)}, got {self.flow_weighting_scheme!r}"
+            )
+        if self.flow_logit_std <= 0:
+            raise ValueError(f"flow_logit_std must be > 0, got {self.flow_logit_std}")
+        if self.flow_shift <= 0:
+            raise ValueError(f"flow_shift must be > 0, got {self.flow_shift}")
+        if self.flow_max_image_seq_len <= self.flow_base_image_seq_len:
+            raise ValueError(
+                f"flow_max_image_seq_len ({self.flow_max_image_seq_len}) must exceed flow_base_image_seq_len "
+                f"({self.flow_base_image_seq_len})"
+            )
+        if self.ce_weight < 0 or self.fm_weight < 0:
+            raise ValueError(f"ce_weight and fm_weight must be >= 0, got {self.ce_weight} and {self.fm_weight}")
+
+    @property
+    def image_grid_size(self) -> int:
+        """Side in pixels of the image cell that becomes one token (32 for EMMA)."""
+        return self.vision_config.patch_size * self.vision_unshuffle_factor
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Tokens of an image of `height` x `width` pixels, the same for context and generated images."""
+        grid = self.image_grid_size
+        if height % grid or width % grid or height <= 0 or width <= 0:
+            raise ValueError(f"height and width must be positive multiples of {grid}, got {height}x{width}")
+        return (height // grid) * (width // grid)
+
+    def flow_shift_for(self, image_seq_len: int) -> float:
+        """Timestep shift for an image of `image_seq_len` tokens: `exp(mu)` with diffusers' linear `mu`, or `flow_shift`."""
+        if not self.flow_use_dynamic_shifting:
+            return self.flow_shift
+        slope = (self.flow_max_shift - self.flow_base_shift) / (
+            self.flow_max_image_seq_len - self.flow_base_image_seq_len
+        )
+        return math.exp(self.flow_base_shift + slope * (image_seq_len - self.flow_base_image_seq_len))
+
+    def decoupled_modules(self, layer_idx: int) -> tuple[str, ...]:
+        """Parts of decoder layer `layer_idx` that have one copy per stream."""
+        if layer_idx < self.num_shallow_layers:
+            return tuple(name for name in DECOUPLABLE_MODULES if name in self.shallow_decoupled_modules)
+        return DECOUPLABLE_MODULES
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "EmmaConfig":
+        """Build a named configuration (`emma-4b`, `tiny`); keyword arguments override its fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})
+
+
+__all__ = ["EmmaConfig"]
+
+
+# Copyright 2026 The emma_hf authors. Licensed under the Apache License, Version 2.0.
+"""EMMA (arXiv 2512.04810): one Qwen3 backbone that reads images, answers in text and draws images by flow matching.
+
+Data flow: a context image goes through SigLIP2 (with MoE MLPs, 2x2 pixel-unshuffled) and through the frozen DC-AE
+encoder; both give one token per 32x32 cell and are concatenated on channels, then `und_adapter` maps them to the
+decoder. A generated image is a grid of noisy DC-AE latents mapped by `gen_adapter` plus a timestep embedding. Every
+token belongs to a stream, `und` (text, context images) or `gen` (noisy latents); decoder parts listed by
+`EmmaConfig.decoupled_modules` have one copy per stream, attention is always joint. `lm_head` reads `und` tokens,
+`velocity_head` reads `gen` tokens.
+"""
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.qwen3.modeling_qwen3 import (
+    Qwen3DecoderLayer,
+    Qwen3RMSNorm,
+    Qwen3RotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+from transformers.models.siglip2.modeling_siglip2 import (
+    Siglip2Encoder,
+    Siglip2EncoderLayer,
+    Siglip2MLP,
+    Siglip2VisionEmbeddings,
+)
+from transformers.utils import ModelOutput
+
+
+
+ImageInput = torch.Tensor | Sequence[torch.Tensor]
+CONTEXT_IMAGE_INPUTS = ("pixel_values", "vae_pixel_values", "image_grid_hw")
+
+
+@dataclass
+class EmmaModelOutputWithPast(ModelOutput):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        Decoder output after the final norm of each token's stream.
+    past_key_values (`Cache`, *optional*): the KV cache, when `use_cache=True`.
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*): embeddings and every layer's output.
+    gen_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which tokens are generated-image tokens.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    gen_mask: torch.BoolTensor | None = None
+
+
+@dataclass
+class EmmaCausalLMOutputWithPast(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor`, *optional*): `ce_weight * ce_loss + fm_weight * fm_loss` over the terms present.
+    ce_loss (`torch.FloatTensor`, *optional*): next-token cross-entropy, when `labels` are given.
+    fm_loss (`torch.FloatTensor`, *optional*): flow-matching MSE between `velocity` and `noise - x0`.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): next-token scores.
+    velocity (`torch.FloatTensor` of shape `(num_gen_tokens, latent_channels)`, *optional*): predicted velocity of
+        every generated-image token, in the order the tokens appear (row by row, each image's cells row-major).
+    past_key_values, hidden_states: as in [`EmmaModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    ce_loss: torch.FloatTensor | None = None
+    fm_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    velocity: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class EmmaContext:
+    """
+    A prompt (text and context images) encoded once, against which every denoising step runs only the gen tokens.
+
+    past_key_values: KV cache of the prompt. It is only read by [`EmmaForConditionalGeneration.predict_velocity`].
+    attention_mask: `(batch_size, context_length)`, 0 on padding.
+    next_position_ids: `(batch_size,)`, the RoPE index that the generated image's tokens share.
+    """
+
+    past_key_values: DynamicCache
+    attention_mask: torch.Tensor
+    next_position_ids: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    def select(self, rows: Sequence[int] | torch.Tensor) -> "EmmaContext":
+        """The context of the given rows, in that order (rows may repeat: one prompt, several images)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.attention_mask.device)
+        cache = DynamicCache()
+        for layer_idx, layer in enumerate(self.past_key_values.layers):
+            layer_rows = rows.to(layer.keys.device)
+            cache.update(layer.keys[layer_rows], layer.values[layer_rows], layer_idx)
+        return EmmaContext(
+            cache, self.attention_mask[rows], self.next_position_ids[rows.to(self.next_position_ids.device)]
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Token layout: streams, image blocks, positions and the attention mask
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class RowPermutation(torch.autograd.Function):
+    """
+    `x.index_select(0, order)` for a permutation `order`. Its gradient is the inverse gather, where autograd's
+    generic rule scatters with `index_add_`: on CPU that made a shapes-model training step about a fifth slower.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse_order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse_order)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse_order,) = ctx.saved_tensors
+        return grad_output.index_select(0, inverse_order), None, None
+
+
+class TokenStreams:
+    """
+    Which tokens are `und` and which are `gen`, as flat indices built once per forward.
+
+    A part with a `gen` copy runs each stream's tokens through its own copy; a sequence of one stream (chat, a cached
+    denoising step) skips the routing altogether.
+    """
+
+    def __init__(self, gen_mask: torch.Tensor | None):
+        self.num_gen = 0 if gen_mask is None else int(gen_mask.sum())
+        self.num_tokens = 0 if gen_mask is None else gen_mask.numel()
+        self.all_und = self.num_gen == 0
+        self.all_gen = not self.all_und and self.num_gen == self.num_tokens
+        if not (self.all_und or self.all_gen):
+            self.order = torch.argsort(gen_mask.reshape(-1).to(torch.int8), stable=True)
+            self.inverse_order = torch.argsort(self.order)
+
+    @classmethod
+    def only_gen(cls) -> "TokenStreams":
+        """Every token is a gen token (a cached denoising step): nothing to build or count on the hot path."""
+        streams = cls(None)
+        streams.all_und, streams.all_gen = False, True
+        return streams
+
+    def apply(self, und_module: nn.Module, gen_module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """Run `x` (batch, seq, ...) through the module of each token's stream."""
+        if gen_module is None or self.all_und:
+            return und_module(x)
+        if self.all_gen:
+            return gen_module(x)
+        batch, seq = x.shape[:2]
+        flat = x.reshape(batch * seq, *x.shape[2:])
+        und_in, gen_in = RowPermutation.apply(flat, self.order, self.inverse_order).split(
+            [self.num_tokens - self.num_gen, self.num_gen]
+        )
+        out = RowPermutation.apply(torch.cat([und_module(und_in), gen_module(gen_in)]), self.inverse_order, self.order)
+        return out.reshape(batch, seq, *out.shape[1:])
+
+
+def find_image_blocks(
+    input_ids: torch.Tensor, config: EmmaConfig, images: bool = True, gen: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    Mark context-image and gen tokens and number each run of placeholders as one image block (-1 for text).
+    Placeholders of a kind switched off (`images`, `gen`) are plain text.
+
+    Returns `image_mask`, `gen_mask` and `block_ids`, all `(batch, seq)`.
+    """
+    image_mask = (input_ids == config.image_token_id) & images
+    gen_mask = (input_ids == config.gen_token_id) & gen
+    visual = image_mask | gen_mask
+    previous = F.pad(input_ids[:, :-1], (1, 0), value=-1)
+    starts = visual & (input_ids != previous)
+    block_ids = torch.where(visual, starts.long().cumsum(-1) - 1, -1)
+    return image_mask, gen_mask, block_ids
+
+
+def check_image_runs(input_ids: torch.Tensor, token_id: int, expected: list[int], argument: str) -> None:
+    """Each run of `token_id` placeholders must hold exactly the tokens of the next image, in order."""
+    is_placeholder = input_ids == token_id
+    previous = F.pad(input_ids[:, :-1], (1, 0), value=-1)
+    run_ids = ((is_placeholder & (input_ids != previous)).reshape(-1).long().cumsum(0) - 1)[is_placeholder.reshape(-1)]
+    found = torch.bincount(run_ids).tolist() if run_ids.numel() else []
+    if found != expected:
+        raise ValueError(
+            f"input_ids hold runs of {found} placeholder tokens (id {token_id}) but `{argument}` gives images of "
+            f"{expected} tokens; each image needs one run of (H/32)*(W/32) placeholders, images in order of appearance"
+        )
+
+
+def check_image_grid(pixel_values: ImageInput, image_grid_hw: torch.Tensor, cell: int) -> None:
+    """The processor's token grid per image must be the one the pixels give."""
+    from_pixels = [[image.shape[-2] // cell, image.shape[-1] // cell] for image in pixel_values]
+    if torch.as_tensor(image_grid_hw).reshape(-1, 2).tolist() != from_pixels:
+        raise ValueError(
+            f"image_grid_hw {torch.as_tensor(image_grid_hw).tolist()} does not match the token grids of pixel_values "
+            f"{from_pixels}"
+        )
+
+
+def images_per_row(input_ids: torch.Tensor, config: EmmaConfig) -> list[int]:
+    """How many context images each row's placeholders stand for."""
+    _, _, block_ids = find_image_blocks(input_ids, config, gen=False)
+    return (advances_position(block_ids) & (block_ids >= 0)).sum(-1).tolist()
+
+
+def rope_position_ids(segment_ids: torch.Tensor, image_starts_or_text: torch.Tensor) -> torch.Tensor:
+    """
+    RoPE indices: +1 per text token and per image (all tokens of an image share one index), restarting at 0 in every
+    packed sample, 0 on padding.
+    """
+    advance = (image_starts_or_text & (segment_ids != 0)).long()
+    count = advance.cumsum(-1)
+    batch, seq = segment_ids.shape
+    sample_start = segment_ids != F.pad(segment_ids[:, :-1], (1, 0), value=-1)
+    index = torch.arange(seq, device=segment_ids.device).expand(batch, seq)
+    start_index = torch.where(sample_start, index, 0).cummax(-1).values
+    before_sample = count.gather(1, start_index) - advance.gather(1, start_index)
+    return (count - before_sample - 1).clamp(min=0)
+
+
+def emma_position_ids(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, config: EmmaConfig
+) -> torch.Tensor:
+    """RoPE indices of a whole prompt, following EMMA's image rule (see [`rope_position_ids`])."""
+    segment_ids = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    _, _, block_ids = find_image_blocks(input_ids, config)
+    return rope_position_ids(segment_ids, advances_position(block_ids))
+
+
+def advances_position(block_ids: torch.Tensor) -> torch.Tensor:
+    """Tokens that move the RoPE index on: every text token and the first token of each image."""
+    return (block_ids < 0) | (block_ids != F.pad(block_ids[:, :-1], (1, 0), value=-1))
+
+
+def build_attention_mask(
+    gen_mask: torch.Tensor, block_ids: torch.Tensor, key_segment_ids: torch.Tensor, past_length: int
+) -> torch.Tensor:
+    """
+    Boolean `(batch, 1, queries, keys)` mask, True where a query may attend:
+    text is causal; an image's tokens see each other and all earlier context; only gen tokens of the same image see
+    a gen token; packed samples (distinct positive `key_segment_ids`) never see each other; padding (0) is seen by
+    nobody. Keys `[0, past_length)` come from a cache of context tokens.
+    """
+    batch, num_queries = gen_mask.shape
+    device = gen_mask.device
+    past_text = torch.full((batch, past_length), -1, dtype=block_ids.dtype, device=device)
+    key_blocks = torch.cat([past_text, block_ids], dim=1)
+    key_gen = torch.cat([torch.zeros_like(past_text, dtype=torch.bool), gen_mask], dim=1)
+    query_index = torch.arange(num_queries, device=device) + past_length
+    key_index = torch.arange(key_blocks.shape[1], device=device)
+    causal = query_index[:, None] >= key_index[None, :]
+    same_block = (block_ids[:, :, None] == key_blocks[:, None, :]) & (block_ids[:, :, None] >= 0)
+    visible = (causal[None] & ~key_gen[:, None, :]) | same_block
+    query_segments = key_segment_ids[:, past_length:]
+    same_sample = (query_segments[:, :, None] == key_segment_ids[:, None, :]) & (key_segment_ids[:, None, :] > 0)
+    itself = query_index[:, None] == key_index[None, :]
+    return ((visible & same_sample) | itself[None])[:, None]
+
+
+def to_attention_implementation(mask: torch.Tensor | None, implementation: str, dtype: torch.dtype):
+    """sdpa takes the boolean mask as is; eager adds it to the scores."""
+    if mask is None or implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+class ContextKVView:
+    """Reads a context's KV cache and appends this step's keys without storing them, so the context is reusable."""
+
+    def __init__(self, cache: DynamicCache):
+        self.cache = cache
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.cache.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.cache.get_seq_length(layer_idx)
+
+
+def as_image_list(images: ImageInput, argument: str, channels: int | None = None) -> list[torch.Tensor]:
+    """Accept a `(N, C, H, W)` tensor or a sequence of `(C, H, W)` tensors of any sizes."""
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(
+                f"{argument} must be (num_images, channels, height, width) or a list of (C, H, W), got shape {tuple(images.shape)}"
+            )
+        images = list(images)
+    if not isinstance(images, (list, tuple)) or not all(isinstance(image, torch.Tensor) for image in images):
+        raise TypeError(f"{argument} must be a tensor or a list of tensors, got {type(images).__name__}")
+    for image in images:
+        if image.ndim != 3 or (channels is not None and image.shape[0] != channels):
+            raise ValueError(f"{argument} images must be ({channels or 'C'}, H, W), got shape {tuple(image.shape)}")
+    return list(images)
+
+
+def group_by_size(images: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(tuple(image.shape), []).append(index)
+    return groups
+
+
+def flatten_grid(features: torch.Tensor) -> torch.Tensor:
+    """`(C, h, w)` -> `(h*w, C)`, cells row-major: the order of an image's tokens."""
+    return features.flatten(1).transpose(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Understanding encoder: SigLIP2 with MoE MLPs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EmmaVisionMoeMLP(nn.Module):
+    """SigLIP2 MLP experts (0 `versatile`, 1 `stem`, ...) mixed with one weight per image."""
+
+    def __init__(self, vision_config, num_experts: int):
+        super().__init__()
+        self.experts = nn.ModuleList([Siglip2MLP(vision_config) for _ in range(num_experts)])
+
+    def forward(self, hidden_states: torch.Tensor, expert_weights: torch.Tensor) -> torch.Tensor:
+        output = None
+        for expert_idx in (expert_weights != 0).any(0).nonzero().flatten().tolist():
+            weights = expert_weights[:, expert_idx]
+            rows = weights.nonzero().flatten()
+            if rows.numel() == hidden_states.shape[0]:
+                expert_out = self.experts[expert_idx](hidden_states) * weights[:, None, None]
+            else:
+                selected = self.experts[expert_idx](hidden_states[rows]) * weights[rows, None, None]
+                expert_out = torch.zeros_like(hidden_states).index_add(0, rows, selected)
+            output = expert_out if output is None else output + expert_out
+        return output
+
+
+class EmmaVisionMoeEncoderLayer(Siglip2EncoderLayer):
+    def __init__(self, vision_config, num_experts: int):
+        super().__init__(vision_config)
+        self.mlp = EmmaVisionMoeMLP(vision_config, num_experts)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, expert_weights=None, **kwargs):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(hidden_states=self.layer_norm1(hidden_states), attention_mask=attention_mask)
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states), expert_weights)
+
+
+class EmmaVisionTower(nn.Module):
+    """
+    SigLIP2 vision encoder (NaFlex patches, no pooling head) whose `vision_moe_layers` have expert MLPs. One router,
+    a linear layer on the mean of each image's patch embeddings, decides once per image for all MoE layers.
+    With the router forced to `versatile` it computes exactly `Siglip2VisionModel`'s `last_hidden_state`.
+    """
+
+    def __init__(self, config: EmmaConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.config = vision_config
+        self.embeddings = Siglip2VisionEmbeddings(vision_config)
+        self.encoder = Siglip2Encoder(vision_config)
+        for layer_idx in config.vision_moe_layers:
+            self.encoder.layers[layer_idx] = EmmaVisionMoeEncoderLayer(vision_config, config.vision_num_experts)
+        self.post_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
+        self.router = nn.Linear(vision_config.hidden_size, config.vision_num_experts)
+
+    def route(self, embeddings: torch.Tensor, patch_mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """Expert weights `(num_images, num_experts)`: one-hot except in `soft` mode."""
+        num_experts = self.router.out_features
+        if mode in ("versatile", "stem"):
+            choice = torch.full((embeddings.shape[0],), 0 if mode == "versatile" else 1, device=embeddings.device)
+            return F.one_hot(choice, num_experts).to(embeddings.dtype)
+        weights = patch_mask.to(embeddings.dtype)[..., None]
+        pooled = (embeddings * weights).sum(1) / weights.sum(1).clamp(min=1)
+        logits = self.router(pooled)
+        if mode == "soft":
+            return logits.softmax(-1)
+        return F.one_hot(logits.argmax(-1), num_experts).to(embeddings.dtype)
+
+    def forward(
+        self, patches: torch.Tensor, patch_mask: torch.Tensor, spatial_shapes: torch.Tensor, router_mode: str
+    ) -> torch.Tensor:
+        """`patches` `(N, max_patches, 3*p*p)` as SigLIP2's processor lays them out; returns `(N, max_patches, C)`."""
+        hidden_states = self.embeddings(patches, spatial_shapes)
+        expert_weights = self.route(hidden_states, patch_mask, router_mode)
+        encoder_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=patch_mask
+        )
+        hidden_states = self.encoder(
+            inputs_embeds=hidden_states, attention_mask=encoder_mask, expert_weights=expert_weights
+        ).last_hidden_state
+        return self.post_layernorm(hidden_states)
+
+
+def patchify(image: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(C, H, W)` -> `(H/p * W/p, p*p*C)` in SigLIP2's patch layout."""
+    channels, height, width = image.shape
+    patches = image.reshape(channels, height // patch_size, patch_size, width // patch_size, patch_size)
+    return patches.permute(1, 3, 2, 4, 0).reshape((height // patch_size) * (width // patch_size), -1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Adapters and embeddings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EmmaMLP(nn.Module):
+    """Two linear layers with a GELU: the adapters into the decoder and the velocity head out of it."""
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.linear_2 = nn.Linear(hidden_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class EmmaTimestepEmbedding(nn.Module):
+    """Sinusoidal features of `t * 1000` (t in [0, 1], diffusers' timestep scale) followed by an MLP."""
+
+    def __init__(self, num_channels: int, hidden_size: int):
+        super().__init__()
+        self.time_proj = Timesteps(num_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.timestep_embedder = TimestepEmbedding(num_channels, hidden_size)
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        features = self.time_proj(timesteps.float() * 1000)
+        return self.timestep_embedder(features.to(self.timestep_embedder.linear_1.weight.dtype))
+
+
+def sincos_2d(height: int, width: int, dim: int, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """2-D sin-cos embeddings `(height*width, dim)` of cell coordinates times `scale`, row-major."""
+    grid = torch.stack(
+        torch.meshgrid(
+            torch.arange(width, device=device, dtype=torch.float32) * scale,
+            torch.arange(height, device=device, dtype=torch.float32) * scale,
+            indexing="xy",
+        )
+    )
+    return get_2d_sincos_pos_embed_from_grid(dim, grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Shared-and-decoupled Qwen3 decoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+PART_PATHS = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+    "input_layernorm": "input_layernorm",
+    "post_attention_layernorm": "post_attention_layernorm",
+    "mlp": "mlp",
+}
+
+
+class EmmaDecoderLayer(Qwen3DecoderLayer):
+    """
+    A Qwen3 layer whose parts hold the `und` weights under Qwen3's names; `gen` holds a copy of each decoupled part
+    under the same relative name (`gen.self_attn.v_proj`, `gen.mlp`, ...). Attention is one joint attention.
+    """
+
+    def __init__(self, config: EmmaConfig, layer_idx: int):
+        super().__init__(config.text_config, layer_idx)
+        self.decoupled = config.decoupled_modules(layer_idx)
+        self.gen = nn.Module()
+        for name in self.decoupled:
+            *parents, leaf = PART_PATHS[name].split(".")
+            container = self.gen
+            for parent in parents:
+                if not hasattr(container, parent):
+                    container.add_module(parent, nn.Module())
+                container = getattr(container, parent)
+            container.add_module(leaf, copy.deepcopy(self.get_submodule(PART_PATHS[name])))
+
+    def part(self, name: str, x: torch.Tensor, streams: TokenStreams | None) -> torch.Tensor:
+        und_module = self.get_submodule(PART_PATHS[name])
+        if streams is None or name not in self.decoupled:
+            return und_module(x)
+        return streams.apply(und_module, self.gen.get_submodule(PART_PATHS[name]), x)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        streams: TokenStreams | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attention = self.self_attn
+        residual = hidden_states
+        hidden_states = self.part("input_layernorm", hidden_states, streams)
+        head_shape = (*hidden_states.shape[:-1], -1, attention.head_dim)
+        query = self.part("q_norm", self.part("q_proj", hidden_states, streams).view(head_shape), streams)
+        key = self.part("k_norm", self.part("k_proj", hidden_states, streams).view(head_shape), streams)
+        value = self.part("v_proj", hidden_states, streams).view(head_shape)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, attention.layer_idx)
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attention.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            attention,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else attention.attention_dropout,
+            scaling=attention.scaling,
+            sliding_window=attention.sliding_window,
+        )
+        attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        hidden_states = residual + self.part("o_proj", attn_output, streams)
+        residual = hidden_states
+        hidden_states = self.part("post_attention_layernorm", hidden_states, streams)
+        return residual + self.part("mlp", hidden_states, streams)
+
+
+class EmmaLanguageModel(nn.Module):
+    """Qwen3's token embeddings, decoder layers and rotary embedding; the final norm has one copy per stream."""
+
+    def __init__(self, config: EmmaConfig):
+        super().__init__()
+        text_config = config.text_config
+        self.config = text_config
+        self.embed_tokens = nn.Embedding(text_config.vocab_size, text_config.hidden_size, text_config.pad_token_id)
+        self.layers = nn.ModuleList([EmmaDecoderLayer(config, i) for i in range(text_config.num_hidden_layers)])
+        self.norm = Qwen3RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.gen_norm = Qwen3RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.rotary_emb = Qwen3RotaryEmbedding(config=text_config)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        streams: TokenStreams,
+        past_key_values: Cache | ContextKVView | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                streams=streams,
+            )
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return streams.apply(self.norm, self.gen_norm, hidden_states), all_hidden_states
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained base and models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class EmmaPreTrainedModel(PreTrainedModel):
+    config: EmmaConfig
+    config_class = EmmaConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EmmaDecoderLayer", "Siglip2EncoderLayer", "EmmaVisionMoeEncoderLayer", "AutoencoderDC"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    # The loss is a mean over the batch's tokens and images; the Trainer then averages over accumulation steps.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: EmmaConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        # The decoder and the vision tower are built from plain modules, so their configs inherit the choice here.
+        for sub_config in (config.text_config, config.vision_config):
+            if sub_config._attn_implementation is None:
+                sub_config._attn_implementation = config._attn_implementation
+
+
+class EmmaModel(EmmaPreTrainedModel):
+    """The EMMA backbone: both image encoders, the adapters and the shared-and-decoupled decoder, without heads."""
+
+    def __init__(self, config: EmmaConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        latent_channels = config.vae_config["latent_channels"]
+        unshuffled = config.vision_config.hidden_size * config.vision_unshuffle_factor**2
+        self.vision_tower = EmmaVisionTower(config)
+        self.vae = AutoencoderDC(**config.vae_config)
+        self.vae.requires_grad_(False)
+        self.und_adapter = EmmaMLP(unshuffled + latent_channels, config.und_adapter_hidden_size, hidden_size)
+        self.gen_adapter = EmmaMLP(latent_channels, config.gen_adapter_hidden_size, hidden_size)
+        self.time_embed = EmmaTimestepEmbedding(config.timestep_embedding_dim, hidden_size)
+        self.language_model = EmmaLanguageModel(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    @torch.no_grad()
+    def initialize_gen_stream_from_und(self) -> None:
+        """Copy every `und` part into its `gen` copy, as when EMMA is built from a plain Qwen3 checkpoint."""
+        for layer in self.language_model.layers:
+            for name in layer.decoupled:
+                path = PART_PATHS[name]
+                layer.gen.get_submodule(path).load_state_dict(layer.get_submodule(path).state_dict())
+        self.language_model.gen_norm.load_state_dict(self.language_model.norm.state_dict())
+
+    @torch.no_grad()
+    def initialize_experts_from_versatile(self) -> None:
+        """Copy the `versatile` expert (the original SigLIP2 MLP) into every other expert of each MoE layer."""
+        for layer in self.vision_tower.encoder.layers:
+            if isinstance(layer, EmmaVisionMoeEncoderLayer):
+                for expert in layer.mlp.experts[1:]:
+                    expert.load_state_dict(layer.mlp.experts[0].state_dict())
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.embed_tokens = value
+
+    def check_image_sizes(self, images: list[torch.Tensor], argument: str, cell: int) -> None:
+        for image in images:
+            height, width = image.shape[-2:]
+            if height % cell or width % cell or height == 0 or width == 0:
+                raise ValueError(f"{argument} sizes must be positive multiples of {cell}, got {height}x{width}")
+
+    @torch.no_grad()
+    def encode_latents(self, vae_pixel_values: ImageInput) -> list[torch.Tensor]:
+        """Scaled DC-AE latents `(C, H/32, W/32)` of images in [-1, 1]; the DC-AE is frozen, so no gradient."""
+        images = as_image_list(vae_pixel_values, "vae_pixel_values", channels=3)
+        self.check_image_sizes(images, "vae_pixel_values", self.config.image_grid_size)
+        vae_param = next(self.vae.parameters())
+        latents: list[torch.Tensor | None] = [None] * len(images)
+        for indices in group_by_size(images).values():
+            batch = torch.stack([images[i] for i in indices]).to(device=vae_param.device, dtype=vae_param.dtype)
+            encoded = self.vae.encode(batch).latent * self.vae.config.scaling_factor
+            for i, latent in zip(indices, encoded):
+                latents[i] = latent
+        return latents
+
+    def get_image_features(self, pixel_values: ImageInput, vae_pixel_values: ImageInput) -> list[torch.Tensor]:
+        """
+        Context-image tokens, one `(h*w, hidden)` tensor per image: SigLIP2 (MoE) features unshuffled to the 32-px
+        grid and concatenated on channels with the DC-AE latents, through `und_adapter`, plus 2-D positions.
+
+        pixel_values: images normalised for SigLIP2; vae_pixel_values: the same images in [-1, 1].
+        """
+        images = as_image_list(pixel_values, "pixel_values", channels=self.config.vision_config.num_channels)
+        vae_images = as_image_list(vae_pixel_values, "vae_pixel_values", channels=3)
+        if [image.shape[-2:] for image in images] != [image.shape[-2:] for image in vae_images]:
+            raise ValueError("pixel_values and vae_pixel_values must hold the same images at the same sizes")
+        cell = self.config.image_grid_size
+        self.check_image_sizes(images, "pixel_values", cell)
+        patch_size = self.config.vision_config.patch_size
+        tower_param = self.vision_tower.embeddings.patch_embedding.weight
+        patches = [
+            patchify(image.to(device=tower_param.device, dtype=tower_param.dtype), patch_size) for image in images
+        ]
+        patch_counts = [p.shape[0] for p in patches]
+        padded = torch.zeros(
+            len(patches), max(patch_counts), patches[0].shape[-1], dtype=tower_param.dtype, device=tower_param.device
+        )
+        patch_mask = torch.zeros(len(patches), max(patch_counts), dtype=torch.long, device=tower_param.device)
+        for i, p in enumerate(patches):
+            padded[i, : p.shape[0]] = p
+            patch_mask[i, : p.shape[0]] = 1
+        spatial_shapes = torch.tensor(
+            [[image.shape[-2] // patch_size, image.shape[-1] // patch_size] for image in images],
+            device=tower_param.device,
+        )
+        semantic = self.vision_tower(padded, patch_mask, spatial_shapes, self.config.vision_router_mode)
+        latents = self.encode_latents(vae_images)
+        factor = self.config.vision_unshuffle_factor
+        adapter_dtype = self.und_adapter.linear_1.weight.dtype
+        tokens = []
+        for i, latent in enumerate(latents):
+            patch_h, patch_w = spatial_shapes[i].tolist()
+            grid = semantic[i, : patch_h * patch_w].reshape(patch_h, patch_w, -1).permute(2, 0, 1)
+            fused = torch.cat([F.pixel_unshuffle(grid, factor), latent.to(grid.device, grid.dtype)])
+            embeds = self.und_adapter(flatten_grid(fused).to(adapter_dtype))
+            positions = sincos_2d(
+                *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
+            )
+            tokens.append(embeds + positions.to(embeds.dtype))
+        return tokens
+
+    def embed_noisy_latents(self, noisy_latents: ImageInput, timesteps: torch.Tensor) -> list[torch.Tensor]:
+        """Gen tokens, one `(h*w, hidden)` tensor per image: `gen_adapter(x_t)` + 2-D positions + timestep embedding."""
+        latents = as_image_list(noisy_latents, "noisy_latents", channels=self.config.vae_config["latent_channels"])
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=self.device).reshape(-1)
+        if timesteps.numel() == 1:
+            timesteps = timesteps.expand(len(latents))
+        if timesteps.numel() != len(latents):
+            raise ValueError(
+                f"timesteps must hold one value per generated image ({len(latents)}), got {timesteps.numel()}"
+            )
+        adapter_dtype = self.gen_adapter.linear_1.weight.dtype
+        time_embeds = self.time_embed(timesteps.to(self.gen_adapter.linear_1.weight.device))
+        tokens = []
+        for latent, time_embed in zip(latents, time_embeds):
+            embeds = self.gen_adapter(flatten_grid(latent.to(device=time_embed.device, dtype=adapter_dtype)))
+            positions = sincos_2d(
+                *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
+            )
+            tokens.append(embeds + positions.to(embeds.dtype) + time_embed)
+        return tokens
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: ImageInput | None = None,
+        vae_pixel_values: ImageInput | None = None,
+        noisy_latents: ImageInput | None = None,
+        timesteps: torch.Tensor | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EmmaModelOutputWithPast:
+        r"""
+        input_ids: text with `image_token_id` placeholders for context images and `gen_token_id` placeholders for
+            generated images, one run of (H/32)*(W/32) per image, images in order of appearance.
+        attention_mask: `(batch, past + seq)`; 0 marks padding, and distinct positive ids mark packed samples
+            (1 everywhere is one sample per row).
+        pixel_values / vae_pixel_values: the context images, normalised for SigLIP2 and in [-1, 1].
+        noisy_latents / timesteps: `x_t` of each generated image (scaled DC-AE latents) and its `t` in [0, 1].
+        image_grid_hw: `(num_images, 2)` token grid of each context image, as the processor returns it; checked
+            against `pixel_values`.
+        """
+        if output_attentions:
+            raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        batch, seq = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if input_ids is not None:
+            # Continuing from a cache without new images, a placeholder is a token the model wrote: plain text.
+            image_mask, gen_mask, block_ids = find_image_blocks(
+                input_ids,
+                self.config,
+                images=past_length == 0 or pixel_values is not None,
+                gen=past_length == 0 or noisy_latents is not None,
+            )
+        else:
+            image_mask = gen_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
+            block_ids = torch.full((batch, seq), -1, dtype=torch.long, device=device)
+        has_gen = bool(gen_mask.any())
+        use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not has_gen)
+        if use_cache and has_gen:
+            raise ValueError(
+                "use_cache=True cannot cache noisy gen tokens; encode the prompt with encode_context() and run "
+                "predict_velocity() for each step"
+            )
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(f"attention_mask must be (batch, past + seq), got shape {tuple(attention_mask.shape)}")
+        key_segment_ids = (
+            torch.ones(batch, past_length + seq, dtype=torch.long, device=device)
+            if attention_mask is None
+            else attention_mask.to(device=device, dtype=torch.long)
+        )
+        if key_segment_ids.shape != (batch, past_length + seq):
+            raise ValueError(
+                f"attention_mask must cover the cache and the new tokens, shape ({batch}, {past_length + seq}), "
+                f"got {tuple(key_segment_ids.shape)}"
+            )
+
+        if image_grid_hw is not None and pixel_values is not None:
+            check_image_grid(pixel_values, image_grid_hw, self.config.image_grid_size)
+        inputs_embeds = self.scatter_visual_tokens(
+            inputs_embeds, input_ids, image_mask, gen_mask, pixel_values, vae_pixel_values, noisy_latents, timesteps
+        )
+
+        if position_ids is None:
+            if past_length:
+                raise ValueError("position_ids are required when continuing from a cache (generate() passes them)")
+            position_ids = rope_position_ids(key_segment_ids, advances_position(block_ids))
+
+        plain_causal = (
+            self.config.text_config._attn_implementation == "sdpa"
+            and not bool((block_ids >= 0).any())
+            and bool((key_segment_ids == 1).all())
+            and (seq == 1 or past_length == 0)
+        )
+        mask = None if plain_causal else build_attention_mask(gen_mask, block_ids, key_segment_ids, past_length)
+        mask = to_attention_implementation(mask, self.config.text_config._attn_implementation, inputs_embeds.dtype)
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config.text_config)
+        hidden_states, all_hidden_states = self.language_model(
+            inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            streams=TokenStreams(gen_mask),
+            past_key_values=past_key_values if use_cache or past_length else None,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        return EmmaModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            gen_mask=gen_mask,
+        )
+
+    def scatter_visual_tokens(
+        self,
+        inputs_embeds: torch.Tensor,
+        input_ids: torch.Tensor | None,
+        image_mask: torch.Tensor,
+        gen_mask: torch.Tensor,
+        pixel_values: ImageInput | None,
+        vae_pixel_values: ImageInput | None,
+        noisy_latents: ImageInput | None,
+        timesteps: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Put context-image and gen tokens in place of their placeholders, after checking that they match."""
+        if (pixel_values is None) != (vae_pixel_values is None):
+            raise ValueError(
+                "context images need both pixel_values (SigLIP2-normalised) and vae_pixel_values ([-1, 1])"
+            )
+        if (noisy_latents is None) != (timesteps is None):
+            raise ValueError("noisy_latents and timesteps go together: one t per generated image")
+        for mask, images, argument, token_id in (
+            (image_mask, pixel_values, "pixel_values", self.config.image_token_id),
+            (gen_mask, noisy_latents, "noisy_latents", self.config.gen_token_id),
+        ):
+            if images is None:
+                if bool(mask.any()):
+                    raise ValueError(
+                        f"input_ids hold {int(mask.sum())} placeholders (id {token_id}) but {argument} is None"
+                    )
+                continue
+            if input_ids is None:
+                raise ValueError(f"{argument} needs input_ids with placeholders (id {token_id}) to place its tokens")
+            if argument == "pixel_values":
+                tokens = self.get_image_features(pixel_values, vae_pixel_values)
+            else:
+                tokens = self.embed_noisy_latents(noisy_latents, timesteps)
+            check_image_runs(input_ids, token_id, [t.shape[0] for t in tokens], argument)
+            flat = torch.cat(tokens).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), flat)
+        return inputs_embeds
+
+
+def sample_flow_timesteps(
+    config: EmmaConfig, image_token_counts: Sequence[int], generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Training `t` per image: diffusers' density sampling (logit-normal by default), then the resolution shift."""
+    u = compute_density_for_timestep_sampling(
+        config.flow_weighting_scheme,
+        len(image_token_counts),
+        logit_mean=config.flow_logit_mean,
+        logit_std=config.flow_logit_std,
+        generator=generator,
+    )
+    shift = torch.tensor([config.flow_shift_for(count) for count in image_token_counts])
+    return shift * u / (1 + (shift - 1) * u)
+
+
+class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
+    """EMMA with `lm_head` (chat, understanding) and `velocity_head` (text-to-image, editing)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: EmmaConfig):
+        super().__init__(config)
+        hidden_size = config.text_config.hidden_size
+        self.model = EmmaModel(config)
+        self.lm_head = nn.Linear(hidden_size, config.text_config.vocab_size, bias=False)
+        self.velocity_head = EmmaMLP(
+            hidden_size, config.velocity_head_hidden_size, config.vae_config["latent_channels"]
+        )
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    @property
+    def vae(self) -> AutoencoderDC:
+        return self.model.vae
+
+    def sample_timesteps(
+        self, image_token_counts: Sequence[int], generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training `t` per image: see [`sample_flow_timesteps`]."""
+        return sample_flow_timesteps(self.config, image_token_counts, generator)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: ImageInput | None = None,
+        vae_pixel_values: ImageInput | None = None,
+        target_pixel_values: ImageInput | None = None,
+        target_latents: ImageInput | None = None,
+        noise: ImageInput | None = None,
+        timesteps: torch.Tensor | None = None,
+        noisy_latents: ImageInput | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> EmmaCausalLMOutputWithPast:
+        r"""
+        Arguments of [`EmmaModel.forward`], plus:
+
+        target_pixel_values / target_latents: the clean images to generate (in [-1, 1]) or their scaled DC-AE
+            latents `x0`; with them the flow-matching loss is computed on `x_t = (1 - t) x0 + t noise` against
+            `noise - x0`. `noise` (default Gaussian) and `timesteps` (default [`sample_timesteps`]) may be given.
+        noisy_latents: `x_t` given directly (with `timesteps`), to predict velocity without a loss.
+        labels: next-token targets, -100 to ignore; positions whose label is an image placeholder are ignored too.
+        """
+        if sum(x is not None for x in (target_pixel_values, target_latents, noisy_latents)) > 1:
+            raise ValueError("pass only one of target_pixel_values, target_latents or noisy_latents")
+        velocity_target = None
+        if target_pixel_values is not None:
+            target_latents = self.model.encode_latents(target_pixel_values)
+        if target_latents is not None:
+            clean = as_image_list(target_latents, "target_latents", channels=self.config.vae_config["latent_channels"])
+            if noise is None:
+                noise = [torch.randn_like(latent) for latent in clean]
+            noise = as_image_list(noise, "noise")
+            if [n.shape for n in noise] != [c.shape for c in clean]:
+                raise ValueError("noise must match the target latents' shapes")
+            if timesteps is None:
+                timesteps = self.sample_timesteps([c.shape[-2] * c.shape[-1] for c in clean]).to(clean[0].device)
+            timesteps = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
+            if timesteps.numel() != len(clean):
+                raise ValueError(
+                    f"timesteps must hold one value per target image ({len(clean)}), got {timesteps.numel()}"
+                )
+            noisy_latents = [
+                (1 - t) * x0 + t * eps.to(x0) for x0, eps, t in zip(clean, noise, timesteps.to(clean[0].device))
+            ]
+            velocity_target = torch.cat([flatten_grid(eps.to(x0) - x0) for x0, eps in zip(clean, noise)])
+
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            vae_pixel_values=vae_pixel_values,
+            noisy_latents=noisy_latents,
+            timesteps=timesteps,
+            image_grid_hw=image_grid_hw,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        velocity = None
+        if noisy_latents is not None:
+            velocity = self.velocity_head(hidden_states[outputs.gen_mask])
+
+        ce_loss = fm_loss = None
+        if labels is not None:
+            placeholder = (labels == self.config.image_token_id) | (labels == self.config.gen_token_id)
+            labels = labels.masked_fill(placeholder, -100)
+            ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        if velocity_target is not None:
+            fm_loss = F.mse_loss(velocity.float(), velocity_target.to(velocity.device).float())
+        terms = [(self.config.ce_weight, ce_loss), (self.config.fm_weight, fm_loss)]
+        present = [weight * value for weight, value in terms if value is not None]
+        loss = sum(present[1:], present[0]) if present else None
+        return EmmaCausalLMOutputWithPast(
+            loss=loss,
+            ce_loss=ce_loss,
+            fm_loss=fm_loss,
+            logits=logits,
+            velocity=velocity,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+        )
+
+    @torch.no_grad()
+    def encode_context(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: ImageInput | None = None,
+        vae_pixel_values: ImageInput | None = None,
+    ) -> EmmaContext:
+        """
+        Encode a prompt (text and context images, ending where the generated image starts) into a KV cache once,
+        for [`predict_velocity`] to run each denoising step on the gen tokens alone.
+        """
+        if bool((input_ids == self.config.gen_token_id).any()):
+            raise ValueError("input_ids of a context must not hold gen placeholders: gen tokens are added per step")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = emma_position_ids(input_ids, attention_mask, self.config)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            pixel_values=pixel_values,
+            vae_pixel_values=vae_pixel_values,
+            use_cache=True,
+        )
+        return EmmaContext(
+            past_key_values=outputs.past_key_values,
+            attention_mask=attention_mask,
+            next_position_ids=position_ids.max(-1).values + 1,
+        )
+
+    def predict_velocity(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor | float, context: EmmaContext
+    ) -> torch.Tensor:
+        """
+        Velocity `v = noise - x0` predicted for `noisy_latents` `(batch, C, h, w)` at `t` in [0, 1] (one per row or
+        one for all), attending to `context`. Equal to the full-sequence forward over context + gen tokens.
+        """
+        if not isinstance(noisy_latents, torch.Tensor) or noisy_latents.ndim != 4:
+            raise ValueError("noisy_latents must be a (batch, channels, height, width) tensor")
+        batch, channels, height, width = noisy_latents.shape
+        if batch != context.batch_size:
+            raise ValueError(f"noisy_latents has batch {batch} but the context was encoded for {context.batch_size}")
+        num_tokens = height * width
+        gen_embeds = torch.stack(self.model.embed_noisy_latents(noisy_latents, torch.as_tensor(timesteps)))
+        device = gen_embeds.device
+        context_keys = context.attention_mask.to(device) != 0
+        keys = torch.cat([context_keys, torch.ones(batch, num_tokens, dtype=torch.bool, device=device)], dim=1)
+        mask = keys[:, None, None, :].expand(batch, 1, num_tokens, keys.shape[1])
+        mask = to_attention_implementation(mask, self.config.text_config._attn_implementation, gen_embeds.dtype)
+        position_ids = context.next_position_ids.to(device)[:, None].expand(batch, num_tokens)
+        hidden_states, _ = self.model.language_model(
+            gen_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            streams=TokenStreams.only_gen(),
+            past_key_values=ContextKVView(context.past_key_values),
+        )
+        velocity = self.velocity_head(hidden_states)
+        return velocity.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        if inputs_tensor.ndim != 2:
+            return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+        return emma_position_ids(inputs_tensor, model_kwargs.get("attention_mask"), self.config)
+
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for name in CONTEXT_IMAGE_INPUTS:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Repeat each row's own images with the row (`num_return_sequences`, beams): images are not batched by row."""
+        images = {name: kwargs.pop(name) for name in CONTEXT_IMAGE_INPUTS if kwargs.get(name) is not None}
+        expanded_ids, kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **kwargs
+        )
+        if images and expand_size > 1:
+            counts = images_per_row(input_ids, self.config)
+            starts = [sum(counts[:row]) for row in range(len(counts))]
+            order = [
+                start + i for start, count in zip(starts, counts) for _ in range(expand_size) for i in range(count)
+            ]
+            for name, value in images.items():
+                picked = [value[i] for i in order]
+                images[name] = torch.stack(picked) if isinstance(value, torch.Tensor) else picked
+        return expanded_ids, {**kwargs, **images}
+
+
+__all__ = ["EmmaForConditionalGeneration", "EmmaModel", "EmmaPreTrainedModel", "EmmaContext"]

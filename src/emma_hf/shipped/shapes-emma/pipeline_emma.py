@@ -1,0 +1,501 @@
+# Copyright 2026 The emma_hf authors. Licensed under the Apache License, Version 2.0.
+"""
+EmmaPipeline: text-to-image and instruction editing with EMMA, as a diffusers pipeline around the very
+`EmmaForConditionalGeneration` object that chats.
+
+The prompt (and, for an edit, the source image) is encoded once into a KV cache; every denoising step then runs only
+the generated image's tokens against it. Classifier-free guidance batches its conditions into that one forward.
+This file imports no sibling module, so it loads as diffusers remote code next to the model's own files.
+"""
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class EmmaPipelineOutput(BaseOutput):
+    """
+    images: a list of PIL images (`"pil"`), a `(batch, H, W, 3)` array in [0, 1] (`"np"`), a `(batch, 3, H, W)`
+        tensor in [0, 1] (`"pt"`), or the scaled DC-AE latents `(batch, C, H/32, W/32)` (`"latent"`).
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+def scheduler_from_model_config(config) -> FlowMatchEulerDiscreteScheduler:
+    """The flow-matching Euler scheduler with the shift settings the model was trained with."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=config.flow_shift,
+        use_dynamic_shifting=config.flow_use_dynamic_shifting,
+        base_shift=config.flow_base_shift,
+        max_shift=config.flow_max_shift,
+        base_image_seq_len=config.flow_base_image_seq_len,
+        max_image_seq_len=config.flow_max_image_seq_len,
+    )
+
+
+def apply_guidance(
+    full: torch.Tensor,
+    no_text: torch.Tensor | None,
+    no_image: torch.Tensor | None,
+    guidance_scale: float,
+    image_guidance_scale: float,
+    guidance_renorm_min: float | None,
+) -> torch.Tensor:
+    """
+    Classifier-free guidance over up to three conditions: text guidance `v = v_no_text + s (v_full - v_no_text)`,
+    then image guidance `v = v_no_image + s_img (v - v_no_image)`; with `guidance_renorm_min`, each sample's guided
+    velocity is scaled back towards the norm of `v_full` (by a factor in `[guidance_renorm_min, 1]`).
+    """
+    guided = full
+    if no_text is not None:
+        guided = no_text + guidance_scale * (guided - no_text)
+    if no_image is not None:
+        guided = no_image + image_guidance_scale * (guided - no_image)
+    if guidance_renorm_min is not None:
+        scale = full.flatten(1).norm(dim=1) / (guided.flatten(1).norm(dim=1) + 1e-8)
+        guided = guided * scale.clamp(min=guidance_renorm_min, max=1.0)[:, None, None, None]
+    return guided
+
+
+class EmmaPipeline(DiffusionPipeline):
+    r"""
+    Text-to-image (`image=None`) and instruction editing (`image=...`) with EMMA.
+
+    Components:
+        model ([`EmmaForConditionalGeneration`]): the unified model; its frozen DC-AE decodes the latents.
+        processor ([`EmmaProcessor`]): writes the prompt as a chat turn and prepares the source image.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): flow-matching Euler steps; by default with the model's shift.
+
+    Build it around a chat model with [`from_model`] (no copy of any weight), or load an exported folder with
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
+    LoRA: adapters trained with PEFT on the model load with [`load_lora_weights`], which hands them to the model's
+    transformers PEFT integration (`model.load_adapter`). diffusers' own LoRA loaders convert and inject weights
+    into diffusers models only, while this pipeline's denoiser is a transformers model; the same adapter folder
+    therefore serves chat (`model.load_adapter`) and drawing alike.
+    """
+
+    model_cpu_offload_seq = "model"
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, model, processor, scheduler: FlowMatchEulerDiscreteScheduler):
+        super().__init__()
+        self.register_modules(model=model, processor=processor, scheduler=scheduler)
+        self.vae_scale_factor = model.config.image_grid_size
+        self.vae_image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_model(cls, model, processor, scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> "EmmaPipeline":
+        """A pipeline around an existing model and processor: parameters are shared, not copied."""
+        return cls(model=model, processor=processor, scheduler=scheduler or scheduler_from_model_config(model.config))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "EmmaPipeline":
+        """
+        Load an exported EMMA folder or Hub id. With `trust_remote_code=True` this is diffusers' loader (the
+        checkpoint's own code); otherwise the components load through the transformers Auto classes, which needs
+        `emma_hf` installed. Keyword arguments go to every component (e.g. `revision`, `cache_dir`) and to the model
+        (e.g. `dtype`, `device_map`).
+        """
+        if kwargs.pop("trust_remote_code", False):
+            return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        shared = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
+        model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, **shared)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            pretrained_model_name_or_path, subfolder="scheduler", **shared
+        )
+        return cls(model=model, processor=processor, scheduler=scheduler)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """
+        Write the exported layout that `AutoModel`, `AutoProcessor` and this pipeline all read, with one copy of
+        the weights (`emma_hf.convert.export_checkpoint`; needs `emma_hf` installed).
+        """
+        try:
+            # Imported by name: remote-code loaders scan import statements and would warn where emma_hf is missing.
+            convert = importlib.import_module("emma_hf.convert")
+        except ImportError as error:
+            raise ImportError(
+                "EmmaPipeline.save_pretrained writes EMMA's export layout: `pip install emma_hf`"
+            ) from error
+        convert.export_checkpoint(self.model, self.processor, save_directory, **kwargs)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def image_guidance_scale(self) -> float:
+        return self._image_guidance_scale
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str | None = None, **kwargs) -> None:
+        """Load a PEFT LoRA adapter (folder or Hub id) into the model and make it active."""
+        self.model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
+        self.model.set_adapter(adapter_name or "default")
+
+    def default_size(self) -> tuple[int, int]:
+        """Text-to-image size when none is given: the largest square within the processor's pixel budget."""
+        size = self.processor.image_processor.size
+        if size.height is not None:
+            return size.height, size.width
+        side = max(1, math.isqrt(size.max_pixels) // self.vae_scale_factor) * self.vae_scale_factor
+        return side, side
+
+    def check_inputs(
+        self,
+        prompt,
+        image,
+        negative_prompt,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        guidance_scale,
+        image_guidance_scale,
+        guidance_interval,
+        guidance_renorm_min,
+        num_images_per_prompt,
+        latents,
+        output_type,
+        callback_on_step_end_tensor_inputs,
+    ) -> None:
+        if isinstance(prompt, str):
+            prompts = [prompt]
+        elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = list(prompt)
+        else:
+            raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+        if negative_prompt is not None:
+            if isinstance(negative_prompt, (list, tuple)):
+                if len(negative_prompt) != len(prompts) or not all(isinstance(p, str) for p in negative_prompt):
+                    raise ValueError(
+                        f"`negative_prompt` as a list must hold one string per prompt ({len(prompts)}), "
+                        f"got {len(negative_prompt)} items"
+                    )
+            elif not isinstance(negative_prompt, str):
+                raise TypeError(
+                    f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}"
+                )
+        if isinstance(image, (list, tuple)) and len(image) != len(prompts):
+            raise ValueError(
+                f"`image` as a list must hold one source image per prompt ({len(prompts)}), got {len(image)}"
+            )
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and (not isinstance(value, int) or value <= 0 or value % self.vae_scale_factor):
+                raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {value!r}")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("pass only one of `timesteps` or `sigmas`")
+        if (
+            timesteps is None
+            and sigmas is None
+            and (
+                not isinstance(num_inference_steps, int)
+                or isinstance(num_inference_steps, bool)
+                or num_inference_steps < 1
+            )
+        ):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"`{name}` must be a finite number >= 0 (<= 1 switches that guidance off), got {value!r}"
+                )
+        if guidance_interval is not None and not (
+            isinstance(guidance_interval, (list, tuple))
+            and len(guidance_interval) == 2
+            and 0 <= guidance_interval[0] < guidance_interval[1] <= 1
+        ):
+            raise ValueError(
+                f"`guidance_interval` must be (low, high) with 0 <= low < high <= 1 in noise level t, got {guidance_interval!r}"
+            )
+        if guidance_renorm_min is not None and not 0 <= guidance_renorm_min <= 1:
+            raise ValueError(f"`guidance_renorm_min` must be in [0, 1] or None, got {guidance_renorm_min!r}")
+        if (
+            not isinstance(num_images_per_prompt, int)
+            or isinstance(num_images_per_prompt, bool)
+            or num_images_per_prompt < 1
+        ):
+            raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
+        if latents is not None:
+            if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+                raise ValueError("`latents` must be a (batch, channels, height / 32, width / 32) tensor")
+            if not torch.isfinite(latents).all():
+                raise ValueError("`latents` must be finite (no NaN or inf)")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if callback_on_step_end_tensor_inputs is not None and not set(callback_on_step_end_tensor_inputs) <= set(
+            self._callback_tensor_inputs
+        ):
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` may only name {self._callback_tensor_inputs}, got "
+                f"{callback_on_step_end_tensor_inputs}"
+            )
+
+    def encode_prompt(
+        self,
+        prompts: list[str],
+        images: list[PIL.Image.Image] | None,
+        negative_prompts: list[str],
+        do_text_guidance: bool,
+        do_image_guidance: bool,
+        num_images_per_prompt: int = 1,
+    ):
+        """
+        Encode every condition once into one left-padded KV cache, then lay its rows out as the denoising batch:
+        `[full | no text | no image]`, each `len(prompts) * num_images_per_prompt` rows. Returns the context and the
+        number of conditions.
+        """
+        texts = [self.processor.generation_prompt(p, images is not None) for p in prompts]
+        condition_images = list(images) if images is not None else []
+        if do_text_guidance:
+            texts += [self.processor.generation_prompt(p, images is not None) for p in negative_prompts]
+            condition_images += list(images) if images is not None else []
+        if do_image_guidance:
+            texts += [self.processor.generation_prompt(p, False) for p in prompts]
+        inputs = self.processor(text=texts, images=condition_images or None, return_tensors="pt")
+        device = self._execution_device
+        context = self.model.encode_context(
+            inputs["input_ids"].to(device),
+            inputs["attention_mask"].to(device),
+            pixel_values=inputs.get("pixel_values"),
+            vae_pixel_values=inputs.get("vae_pixel_values"),
+        )
+        num_conditions = len(texts) // len(prompts)
+        rows = [
+            condition * len(prompts) + index
+            for condition in range(num_conditions)
+            for index in range(len(prompts))
+            for _ in range(num_images_per_prompt)
+        ]
+        return context.select(rows), num_conditions
+
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        shape = (batch_size, num_channels_latents, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is not None:
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"`latents` must have shape {shape} for this batch and size, got {tuple(latents.shape)}"
+                )
+            return latents.to(device=device, dtype=dtype)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"`generator` as a list must hold one generator per image ({batch_size}), got {len(generator)}"
+            )
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    def predict_guided_velocity(
+        self, latents: torch.Tensor, t: torch.Tensor, context, num_conditions: int, guided: bool
+    ) -> torch.Tensor:
+        """One batched forward over every active condition, combined by [`apply_guidance`]."""
+        batch = latents.shape[0]
+        if not guided or num_conditions == 1:
+            return self.model.predict_velocity(latents, t, context).float()
+        velocity = self.model.predict_velocity(latents.repeat(num_conditions, 1, 1, 1), t, context).float()
+        full, *others = velocity.split(batch)
+        no_text = others.pop(0) if self._do_text_guidance else None
+        no_image = others.pop(0) if self._do_image_guidance else None
+        return apply_guidance(
+            full, no_text, no_image, self._guidance_scale, self._image_guidance_scale, self._guidance_renorm_min
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        image: Any = None,
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 30,
+        timesteps: list[float] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 4.0,
+        image_guidance_scale: float = 2.0,
+        guidance_interval: tuple[float, float] | None = None,
+        guidance_renorm_min: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[Any, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> EmmaPipelineOutput | tuple:
+        r"""
+        Draw (`image=None`) or edit (`image` given) one image per prompt and per `num_images_per_prompt`.
+
+        Args:
+            prompt: what to draw, or the edit instruction.
+            image: the source image of an edit (PIL image, array, tensor or path), one for every prompt or a list
+                with one per prompt. The output size defaults to the source's size after the processor's resizing.
+            negative_prompt: the text of the unguided condition (default empty).
+            height / width: output size, multiples of 32; defaults to the source's size for edits and to the largest
+                square in the processor's pixel budget for text-to-image.
+            num_inference_steps / timesteps / sigmas: the schedule. By default `sigmas` run linearly from 1 to
+                `1 / steps`, shifted as the model config says (by the image's token count when dynamic).
+            guidance_scale: text guidance (<= 1: off). image_guidance_scale: source-image guidance for edits (<= 1: off).
+            guidance_interval: `(low, high)` noise levels in [0, 1] where guidance applies; elsewhere only the full
+                condition runs.
+            guidance_renorm_min: rescale each guided velocity to at most the norm of the unguided-full one, by a
+                factor no smaller than this; None turns it off.
+            generator / latents: randomness of the initial noise, or the noise itself `(batch, C, H/32, W/32)`.
+            output_type: `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            callback_on_step_end: called as `callback(pipe, step, t, {name: tensor})` after each step; a returned
+                `"latents"` replaces the latents. Setting `pipe._interrupt = True` there skips the remaining steps.
+
+        Returns:
+            [`EmmaPipelineOutput`], or a tuple `(images,)` when `return_dict=False`.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            prompt,
+            image,
+            negative_prompt,
+            height,
+            width,
+            num_inference_steps,
+            timesteps,
+            sigmas,
+            guidance_scale,
+            image_guidance_scale,
+            guidance_interval,
+            guidance_renorm_min,
+            num_images_per_prompt,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negative_prompts = (
+            [negative_prompt or ""] * len(prompts)
+            if not isinstance(negative_prompt, (list, tuple))
+            else list(negative_prompt)
+        )
+        images = None
+        if image is not None:
+            sources = list(image) if isinstance(image, (list, tuple)) else [image] * len(prompts)
+            images = [self.processor.image_processor.load_image(source) for source in sources]
+            if height is None or width is None:
+                sizes = {self.processor.image_processor.resized_size(source) for source in images}
+                if len(sizes) > 1:
+                    raise ValueError(
+                        f"the source images resize to different sizes {sorted(sizes)}; pass `height` and `width`"
+                    )
+                source_height, source_width = sizes.pop()
+                height, width = height or source_height, width or source_width
+        default_height, default_width = self.default_size()
+        height, width = height or default_height, width or default_width
+
+        self._guidance_scale = guidance_scale
+        self._image_guidance_scale = image_guidance_scale
+        self._guidance_renorm_min = guidance_renorm_min
+        self._do_text_guidance = guidance_scale > 1
+        self._do_image_guidance = images is not None and image_guidance_scale > 1
+        self._interrupt = False
+        device = self._execution_device
+        batch_size = len(prompts) * num_images_per_prompt
+        config = self.model.config
+
+        latents = self.prepare_latents(
+            batch_size,
+            config.vae_config["latent_channels"],
+            height,
+            width,
+            torch.float32,
+            device,
+            generator,
+            latents,
+        )
+        context, num_conditions = self.encode_prompt(
+            prompts, images, negative_prompts, self._do_text_guidance, self._do_image_guidance, num_images_per_prompt
+        )
+        full_context = context.select(range(batch_size)) if guidance_interval is not None else context
+
+        if timesteps is None and sigmas is None:
+            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+        image_seq_len = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
+        mu = math.log(config.flow_shift_for(image_seq_len)) if self.scheduler.config.use_dynamic_shifting else None
+        self.scheduler.set_timesteps(device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+        timesteps = self.scheduler.timesteps
+        noise_levels = self.scheduler.sigmas
+        self._num_timesteps = len(timesteps)
+        low, high = guidance_interval or (0.0, 1.0)
+        guided_steps = [low <= level <= high for level in noise_levels[: len(timesteps)].tolist()]
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_level = noise_levels[i]
+                step_context = context if guided_steps[i] else full_context
+                velocity = self.predict_guided_velocity(
+                    latents, noise_level, step_context, num_conditions, guided_steps[i]
+                )
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    step_tensors = {"latents": latents}
+                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                progress_bar.update()
+
+        if output_type == "latent":
+            images_out = latents
+        else:
+            if not torch.isfinite(latents).all():
+                raise ValueError("the latents became non-finite (NaN or inf) during denoising; try float32 weights")
+            vae = self.model.vae
+            decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            images_out = self.vae_image_processor.postprocess(decoded.float(), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images_out,)
+        return EmmaPipelineOutput(images=images_out)
+
+
+__all__ = ["EmmaPipeline", "EmmaPipelineOutput"]

@@ -1,0 +1,405 @@
+# Copyright 2026 The emma_hf authors. Licensed under the Apache License, Version 2.0.
+"""
+EMMA's processor: one image processor that gives every image to both of EMMA's encoders (SigLIP2 and the DC-AE) at
+one size, a multiple of 32 so that each 32x32 cell becomes one visual token, and a text processor that expands each
+image placeholder to that many tokens inside a Qwen3 chat.
+"""
+
+import math
+import os
+import urllib.request
+from collections.abc import Sequence
+from io import BytesIO
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from transformers import AutoImageProcessor
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_backends import PilBackend
+from transformers.image_utils import PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
+
+from .configuration_emma import EmmaConfig
+
+
+IMAGE_TOKEN = "<|image_pad|>"
+VISION_START_TOKEN = "<|vision_start|>"
+VISION_END_TOKEN = "<|vision_end|>"
+GEN_TOKEN = "<|gen_pad|>"
+GEN_START_TOKEN = "<|gen_start|>"
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+# EmmaConfig field -> token, in the order they are added to a tokenizer that lacks them (Qwen3's tokenizer has the
+# three vision tokens; the two gen tokens then land on ids 151669 and 151670, as the emma-4b preset expects).
+EMMA_SPECIAL_TOKENS = {
+    "image_token_id": IMAGE_TOKEN,
+    "vision_start_token_id": VISION_START_TOKEN,
+    "vision_end_token_id": VISION_END_TOKEN,
+    "gen_token_id": GEN_TOKEN,
+    "gen_start_token_id": GEN_START_TOKEN,
+}
+
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}"
+    "{{- message['content'] }}"
+    "{%- else %}"
+    "{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif content['type'] == 'text' %}"
+    "{{- content['text'] }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- endif %}"
+)
+
+VALID_IMAGE_TYPES = "a PIL image, a numpy array, a torch tensor, a file path or an http(s) URL"
+
+
+def fit_to_token_grid(height: int, width: int, patch_size: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """
+    The size an image is resized to: both sides multiples of `patch_size`, area within `[min_pixels, max_pixels]`
+    (as far as whole tokens allow), aspect ratio as close to the input's as the token grid can be.
+    """
+    area = height * width
+    scale = 1.0
+    if area > max_pixels:
+        scale = math.sqrt(max_pixels / area)
+    elif area < min_pixels:
+        scale = math.sqrt(min_pixels / area)
+    rows = max(1, round(height * scale / patch_size))
+    cols = max(1, round(width * scale / patch_size))
+    max_tokens = max(1, max_pixels // patch_size**2)
+    min_tokens = min(max_tokens, math.ceil(min_pixels / patch_size**2))
+    while rows * cols > max_tokens:
+        if rows > 1 and (rows * width >= cols * height or cols == 1):
+            rows -= 1
+        else:
+            cols -= 1
+    while rows * cols < min_tokens:
+        if (rows + 1) * cols <= max_tokens and rows * width <= cols * height:
+            rows += 1
+        elif rows * (cols + 1) <= max_tokens:
+            cols += 1
+        else:
+            break
+    return rows * patch_size, cols * patch_size
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL mode to RGB: transparency over white, 16-bit greyscale scaled to 8 bits, the rest by PIL."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
+        image = PIL.Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
+
+
+def array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
+    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1, 3, 4; uint8, uint16 or float in [0, 1]."""
+    if array.ndim == 3 and channels_first and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    elif array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
+        raise ValueError(
+            f"image arrays must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3 or 4; got shape {array.shape}"
+        )
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"image arrays must not be empty; got shape {array.shape}")
+    if array.dtype == np.uint8:
+        levels = array
+    elif array.dtype == np.uint16:
+        levels = np.round(array * (255.0 / 65535.0)).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        if not np.isfinite(array).all() or low < 0.0 or high > 1.0:
+            raise ValueError(f"float images must hold finite values in [0, 1]; got values in [{low}, {high}]")
+        levels = np.round(array * 255.0).astype(np.uint8)
+    else:
+        raise TypeError(f"image arrays must be uint8, uint16 or floating point in [0, 1]; got dtype {array.dtype}")
+    if levels.ndim == 3 and levels.shape[-1] == 1:
+        levels = levels[..., 0]
+    return to_rgb(PIL.Image.fromarray(np.ascontiguousarray(levels)))
+
+
+def open_image(source: str | os.PathLike) -> PIL.Image.Image:
+    """Open a file path or an http(s) URL, upright as its EXIF orientation says."""
+    source = os.fspath(source)
+    try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source) as response:
+                image = PIL.Image.open(BytesIO(response.read()))
+        elif not os.path.isfile(source):
+            raise FileNotFoundError(f"image file not found: {source!r}")
+        else:
+            image = PIL.Image.open(source)
+        image.load()
+    except PIL.UnidentifiedImageError as error:
+        raise ValueError(f"{source!r} is not an image file PIL can read") from error
+    except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            raise
+        raise ValueError(f"{source!r} could not be read as an image: {error}") from error
+    return PIL.ImageOps.exif_transpose(image)
+
+
+def load_rgb_image(image) -> PIL.Image.Image:
+    """One image of any accepted kind as an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        image = open_image(image)
+    if isinstance(image, PIL.Image.Image):
+        if image.width == 0 or image.height == 0:
+            raise ValueError("images must not be empty; got a PIL image of size 0")
+        return to_rgb(image)
+    if isinstance(image, torch.Tensor):
+        return array_to_pil(
+            image.detach().cpu().float().numpy() if image.is_floating_point() else image.cpu().numpy(), True
+        )
+    if isinstance(image, np.ndarray):
+        return array_to_pil(image, channels_first=False)
+    raise TypeError(f"each image must be {VALID_IMAGE_TYPES}; got {type(image).__name__}")
+
+
+def flatten_images(images) -> list:
+    """A single image, a batch tensor `(N, C, H, W)`, or (nested) lists of images -> flat list, in order."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in flatten_images(item)]
+    if isinstance(images, (torch.Tensor, np.ndarray)) and images.ndim == 4:
+        return list(images)
+    return [images]
+
+
+class EmmaImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    patch_size (`int`, *optional*, defaults to 32):
+        Side in pixels of the square that becomes one visual token; output sides are multiples of it.
+    """
+
+    patch_size: int
+
+
+class EmmaImageProcessor(PilBackend):
+    r"""
+    Resizes each image (aspect kept) so that both sides are multiples of `patch_size` and its area lies within
+    `size={"min_pixels", "max_pixels"}` (or to an exact `size={"height", "width"}`), and returns the same resized
+    image twice: `pixel_values` normalised for SigLIP2 (`image_mean`/`image_std`) and `vae_pixel_values` in [-1, 1]
+    for the DC-AE, plus `image_grid_hw`, the token grid `(H/patch, W/patch)` of each image.
+
+    Accepts PIL images of any mode (transparency is put on white, 16-bit greyscale scaled), numpy arrays
+    (`(H, W[, C])`), torch tensors (`(C, H, W)`; a 4-D tensor is a batch), file paths and http(s) URLs; uint8,
+    uint16 or float in [0, 1]. Huge images are shrunk to the budget, tiny ones enlarged to it.
+
+    Images of one size come back stacked in one tensor; images of different sizes as a list of `(3, H, W)` tensors,
+    which the model accepts as is.
+    """
+
+    do_resize = True
+    resample = PILImageResampling.BICUBIC
+    size = {"min_pixels": 256 * 256, "max_pixels": 1024 * 1024}
+    default_to_square = False
+    do_rescale = True
+    do_normalize = True
+    image_mean = [0.5, 0.5, 0.5]
+    image_std = [0.5, 0.5, 0.5]
+    do_convert_rgb = True
+    patch_size = 32
+    valid_kwargs = EmmaImageProcessorKwargs
+    model_input_names = ["pixel_values", "vae_pixel_values", "image_grid_hw"]
+
+    def __init__(self, **kwargs: Unpack[EmmaImageProcessorKwargs]):
+        super().__init__(**kwargs)
+        self.output_size(64, 64, self.size, self.patch_size)
+
+    def fetch_images(self, image_url_or_urls):
+        """Paths and URLs are opened when the images are prepared, so errors name the file."""
+        return image_url_or_urls
+
+    def output_size(self, height: int, width: int, size: SizeDict | dict, patch_size: int) -> tuple[int, int]:
+        """`(height, width)` an input image of this size is resized to."""
+        size = size if isinstance(size, SizeDict) else SizeDict(**size)
+        if not isinstance(patch_size, int) or patch_size < 1:
+            raise ValueError(f"patch_size must be a positive integer; got {patch_size!r}")
+        if size.height is not None or size.width is not None:
+            if not all(isinstance(v, int) and v > 0 and v % patch_size == 0 for v in (size.height, size.width)):
+                raise ValueError(
+                    f"size height and width must be positive multiples of patch_size={patch_size}; got {dict(size)}"
+                )
+            return size.height, size.width
+        if size.min_pixels is None or size.max_pixels is None:
+            raise ValueError(f"size must hold min_pixels and max_pixels, or height and width; got {dict(size)}")
+        if not 0 < size.min_pixels <= size.max_pixels or size.max_pixels < patch_size**2:
+            raise ValueError(
+                f"size needs 0 < min_pixels <= max_pixels and max_pixels >= patch_size**2 ({patch_size**2}); "
+                f"got {dict(size)}"
+            )
+        return fit_to_token_grid(height, width, patch_size, size.min_pixels, size.max_pixels)
+
+    def load_image(self, image) -> PIL.Image.Image:
+        """Any accepted input kind as an RGB PIL image, not yet resized."""
+        return load_rgb_image(image)
+
+    def resized_size(self, image: PIL.Image.Image) -> tuple[int, int]:
+        """`(height, width)` this processor resizes `image` to."""
+        return self.output_size(image.height, image.width, self.size, self.patch_size)
+
+    def _validate_preprocess_kwargs(self, **kwargs):
+        """The base checks, which do not know `min_pixels`/`max_pixels` sizes, run on everything but `size`."""
+        super()._validate_preprocess_kwargs(**{**kwargs, "do_resize": False})
+
+    def _preprocess_image_like_inputs(self, images, *args, **kwargs) -> BatchFeature:
+        flat = flatten_images(images)
+        if not flat:
+            raise ValueError("images must hold at least one image")
+        return self._preprocess([load_rgb_image(image) for image in flat], **kwargs)
+
+    def _preprocess(
+        self,
+        images: list[PIL.Image.Image],
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling | int | None,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+        patch_size: int,
+        return_tensors: str | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        mean = np.asarray(image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(image_std, dtype=np.float32)[:, None, None]
+        siglip, vae, grids = [], [], []
+        for image in images:
+            height, width = self.output_size(image.height, image.width, size, patch_size)
+            if not do_resize and (height, width) != (image.height, image.width):
+                raise ValueError(
+                    f"with do_resize=False images must already be multiples of patch_size={patch_size} within the "
+                    f"size budget; got {image.height}x{image.width}"
+                )
+            if (height, width) != (image.height, image.width):
+                image = image.resize(
+                    (width, height),
+                    resample=PILImageResampling(self.resample if resample is None else resample),
+                    reducing_gap=3.0,
+                )
+            unit = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+            siglip.append((unit - mean) / std)
+            vae.append(unit * 2.0 - 1.0)
+            grids.append((height // patch_size, width // patch_size))
+        data = {
+            "pixel_values": batch_images(siglip, return_tensors),
+            "vae_pixel_values": batch_images(vae, return_tensors),
+            "image_grid_hw": np.asarray(grids, dtype=np.int64),
+        }
+        return BatchFeature(
+            data, tensor_type=return_tensors, skip_tensor_conversion=["pixel_values", "vae_pixel_values"]
+        )
+
+
+def batch_images(images: list[np.ndarray], return_tensors: str | None):
+    """One stacked array when all images share a size, else a list; torch tensors when `return_tensors="pt"`."""
+    same_size = len({image.shape for image in images}) == 1
+    if return_tensors == "pt":
+        tensors = [torch.from_numpy(image) for image in images]
+        return torch.stack(tensors) if same_size else tensors
+    if return_tensors == "np" and same_size:
+        return np.stack(images)
+    return images
+
+
+class EmmaProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: EmmaImageProcessorKwargs
+
+
+class EmmaProcessor(ProcessorMixin):
+    r"""
+    Tokenizer + [`EmmaImageProcessor`] for EMMA. Each `<|image_pad|>` in the text (the chat template writes one per
+    image, between `<|vision_start|>` and `<|vision_end|>`) becomes one placeholder per visual token of the next
+    image; batches are left-padded for generation. EMMA's special tokens are added to the tokenizer if it lacks them
+    ([`emma_token_ids`] gives their ids for the model config).
+    """
+
+    valid_processor_kwargs = EmmaProcessorKwargs
+    skip_tensor_conversion = ["pixel_values", "vae_pixel_values"]
+    text_kwargs = {"padding": True, "padding_side": "left"}
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, **kwargs):
+        registered = tokenizer.get_added_vocab()
+        missing = [token for token in (*CHAT_TOKENS, *EMMA_SPECIAL_TOKENS.values()) if token not in registered]
+        if missing:
+            tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        self.image_token = IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+
+    @property
+    def emma_token_ids(self) -> dict[str, int]:
+        """EmmaConfig field -> id of that token in this tokenizer."""
+        return {field: self.tokenizer.convert_tokens_to_ids(token) for field, token in EMMA_SPECIAL_TOKENS.items()}
+
+    @property
+    def end_of_turn_token_id(self) -> int:
+        """`<|im_end|>`: where an assistant turn, hence chat generation, stops."""
+        return self.tokenizer.convert_tokens_to_ids(CHAT_TOKENS[1])
+
+    def generation_prompt(self, prompt: str, with_image: bool = False) -> str:
+        """
+        Chat text for drawing an image: a user turn (the source image first, for an edit, then the instruction) and
+        the assistant's turn opened up to where the generated image's tokens begin.
+        """
+        content = [{"type": "image"}] if with_image else []
+        content.append({"type": "text", "text": prompt})
+        text = self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return text + GEN_START_TOKEN + VISION_START_TOKEN
+
+    def validate_inputs(self, images=None, text=None, **kwargs) -> None:
+        """Count images as the image processor will (paths unopened, batch tensors split) against the placeholders."""
+        if images is None:
+            return super().validate_inputs(images=None, text=text, **kwargs)
+        num_images = len(flatten_images(images))
+        if text is not None:
+            if not (isinstance(text, str) or (isinstance(text, list) and all(isinstance(t, str) for t in text))):
+                raise ValueError("text must be a string or a list of strings")
+            num_placeholders = sum(
+                sample.count(self.image_token) for sample in ([text] if isinstance(text, str) else text)
+            )
+            if num_placeholders != num_images:
+                raise ValueError(
+                    f"text holds {num_placeholders} {self.image_token} placeholders but {num_images} images were "
+                    "passed; each image needs exactly one placeholder, in order"
+                )
+
+    def _process_images(self, images, **kwargs) -> tuple[BatchFeature, list[str]]:
+        processed = self.image_processor(images, **kwargs)
+        replacements = [self.replace_image_token(processed, index) for index in range(len(processed["image_grid_hw"]))]
+        return processed, replacements
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        rows, cols = (int(v) for v in image_inputs["image_grid_hw"][image_idx])
+        return self.image_token * (rows * cols)
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decode generated token ids (new tokens only, if the prompt was cut off) to text."""
+        return self.tokenizer.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return list(dict.fromkeys(self.tokenizer.model_input_names + self.image_processor.model_input_names))
+
+
+AutoImageProcessor.register(EmmaConfig, slow_image_processor_class=EmmaImageProcessor, exist_ok=True)
+
+__all__ = ["EmmaImageProcessor", "EmmaProcessor"]

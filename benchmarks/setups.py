@@ -86,9 +86,7 @@ def emma_config(text_overrides: dict, **overrides) -> EmmaConfig:
 
 def random_emma(text_overrides: dict, seed: int = 0) -> EmmaForConditionalGeneration:
     torch.manual_seed(seed)
-    model = EmmaForConditionalGeneration(emma_config(text_overrides)).eval()
-    model.config._attn_implementation = "sdpa"
-    return model
+    return EmmaForConditionalGeneration(emma_config(text_overrides)).eval()
 
 
 def benchmark_processor(side: int) -> EmmaProcessor:

@@ -392,6 +392,7 @@ token belongs to a stream, `und` (text, context images) or `gen` (noisy latents)
 """
 
 import copy
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -826,8 +827,12 @@ class EmmaTimestepEmbedding(nn.Module):
         return self.timestep_embedder(features.to(self.timestep_embedder.linear_1.weight.dtype))
 
 
+@functools.lru_cache(maxsize=32)
 def sincos_2d(height: int, width: int, dim: int, device: torch.device, scale: float = 1.0) -> torch.Tensor:
-    """2-D sin-cos embeddings `(height*width, dim)` of cell coordinates times `scale`, row-major."""
+    """
+    2-D sin-cos embeddings `(height*width, dim)` of cell coordinates times `scale`, row-major. Cached: every
+    denoising step and every image of a batch asks for the same grid. Callers must not modify the result in place.
+    """
     grid = torch.stack(
         torch.meshgrid(
             torch.arange(width, device=device, dtype=torch.float32) * scale,

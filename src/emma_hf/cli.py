@@ -1,6 +1,8 @@
 """The `emma-hf` command."""
 
 import argparse
+import math
+import os
 import sys
 
 import torch
@@ -133,12 +135,59 @@ def demo(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+# Argument types: bad values stop at parsing, with a message naming what is allowed, before any model loads.
+
+
+def positive_int(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def image_side(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1 or int(text) % 32:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive multiple of 32 (one token per 32x32 pixels), got {text!r}"
+        )
+    return int(text)
+
+
+def guidance_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (<= 1 turns guidance off), got {text!r}")
+    return value
+
+
+def existing_image_file(text: str) -> str:
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"image file not found: {text!r}")
+    return text
+
+
+def image_output_file(text: str) -> str:
+    import PIL.Image
+
+    extension = os.path.splitext(text)[1].lower()
+    if PIL.Image.registered_extensions().get(extension) not in PIL.Image.SAVE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} needs an image extension PIL can write, such as .png, .jpg or .webp"
+        )
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist: {folder!r}")
+    return text
+
+
 def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> None:
     parser.add_argument("--model", help="EMMA folder or Hub id (default: the shapes model shipped with emma_hf)")
     if drawing:
         parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-        parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-        parser.add_argument("--guidance", type=float, default=1.5, help="text guidance scale (<= 1: off)")
+        parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
+        parser.add_argument("--guidance", type=guidance_scale, default=1.5, help="text guidance scale (<= 1: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,24 +218,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate_parser = commands.add_parser("generate", help="draw an image from a prompt")
     generate_parser.add_argument("prompt")
-    generate_parser.add_argument("-o", "--output", required=True, help="image file to write")
-    generate_parser.add_argument("--height", type=int)
-    generate_parser.add_argument("--width", type=int)
+    generate_parser.add_argument("-o", "--output", type=image_output_file, required=True, help="image file to write")
+    generate_parser.add_argument("--height", type=image_side)
+    generate_parser.add_argument("--width", type=image_side)
     add_model_options(generate_parser)
     generate_parser.set_defaults(run=generate)
 
     edit_parser = commands.add_parser("edit", help="edit an image by an instruction")
-    edit_parser.add_argument("image", help="image file to edit")
+    edit_parser.add_argument("image", type=existing_image_file, help="image file to edit")
     edit_parser.add_argument("instruction")
-    edit_parser.add_argument("-o", "--output", required=True, help="image file to write")
-    edit_parser.add_argument("--image-guidance", type=float, default=1.0, help="source-image guidance (<= 1: off)")
+    edit_parser.add_argument("-o", "--output", type=image_output_file, required=True, help="image file to write")
+    edit_parser.add_argument(
+        "--image-guidance", type=guidance_scale, default=1.0, help="source-image guidance (<= 1: off)"
+    )
     add_model_options(edit_parser)
     edit_parser.set_defaults(run=edit)
 
     chat_parser = commands.add_parser("chat", help="answer a question about an image")
     chat_parser.add_argument("question")
-    chat_parser.add_argument("--image", help="image file the question is about")
-    chat_parser.add_argument("--max-new-tokens", type=int, default=64)
+    chat_parser.add_argument("--image", type=existing_image_file, help="image file the question is about")
+    chat_parser.add_argument("--max-new-tokens", type=positive_int, default=64)
     add_model_options(chat_parser, drawing=False)
     chat_parser.set_defaults(run=chat)
 
@@ -194,22 +245,29 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--questions", type=int, default=500)
     eval_parser.add_argument("--prompts", type=int, default=200)
     eval_parser.add_argument("--edits", type=int, default=200)
-    eval_parser.add_argument("--image-guidance", type=float, default=1.0)
+    eval_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0)
     eval_parser.add_argument("--json", help="also write the scores to this JSON file")
     add_model_options(eval_parser)
     eval_parser.set_defaults(run=evaluate_shapes, seed=1234)
 
     demo_parser = commands.add_parser("demo", help="write a contact sheet of all three tasks")
-    demo_parser.add_argument("-o", "--output", default="emma-demo.png", help="PNG file to write")
-    demo_parser.add_argument("--image-guidance", type=float, default=1.0)
+    demo_parser.add_argument(
+        "-o", "--output", type=image_output_file, default="emma-demo.png", help="image file to write"
+    )
+    demo_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0)
     add_model_options(demo_parser)
     demo_parser.set_defaults(run=demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    args.run(args)
+    """Run one command; bad input ends it with a one-line message (exit 2 for arguments, 1 for the rest)."""
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args.run(args)
+    except (ValueError, TypeError, OSError) as error:
+        parser.exit(1, f"emma-hf {args.command}: error: {error}\n")
     return 0
 
 

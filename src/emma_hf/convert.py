@@ -25,7 +25,7 @@ import diffusers
 import torch
 from diffusers import AutoencoderDC
 from huggingface_hub import HfApi, ModelCard, ModelCardData, snapshot_download
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
@@ -59,11 +59,22 @@ def read_safetensors(source: str | Path, weights_name: str) -> dict[str, torch.T
         folder = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
     index_path = folder / f"{weights_name}.index.json"
     if (folder / weights_name).is_file():
-        return load_file(folder / weights_name)
-    if index_path.is_file():
-        shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-        return {key: value for shard in shards for key, value in load_file(folder / shard).items()}
-    raise FileNotFoundError(f"{str(source)!r} holds neither {weights_name} nor {weights_name}.index.json")
+        files = [folder / weights_name]
+    elif index_path.is_file():
+        files = [folder / shard for shard in sorted(set(json.loads(index_path.read_text())["weight_map"].values()))]
+    else:
+        pickles = sorted(path.name for path in folder.glob("*.bin"))
+        found = f"; its pickle files {pickles} are not read (convert them to safetensors first)" if pickles else ""
+        raise FileNotFoundError(f"{str(source)!r} holds neither {weights_name} nor {weights_name}.index.json{found}")
+    weights = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{str(source)!r}: the shard {file.name!r} listed in its index is missing")
+        try:
+            weights.update(load_file(file))
+        except SafetensorError as error:
+            raise OSError(f"{str(file)!r} is damaged or truncated ({error}); download or save it again") from error
+    return weights
 
 
 def mapped_component_weights(

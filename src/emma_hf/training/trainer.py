@@ -21,24 +21,70 @@ The config (YAML):
                                      # any transformers.TrainingArguments field; learning_rate defaults to the stage's
 """
 
+import os
+import shutil
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .data import TASKS, EmmaCollator, JsonlDataset, TaskMixture
-from .lora import emma_lora_config
+from .lora import LORA_PRESETS, emma_lora_config
 from .stages import apply_stage, get_stage
 
 
+# Checkpoints are written under this folder of output_dir, then renamed into place.
+STAGING_FOLDER = ".checkpoint-staging"
+
+
 class EmmaTrainer(Trainer):
-    """A Trainer whose logs carry `ce_loss` and `fm_loss` (means since the last log, over all processes)."""
+    """
+    A Trainer whose logs carry `ce_loss` and `fm_loss` (means since the last log, over all processes) and whose
+    checkpoints appear atomically: each is written in a staging folder and renamed to `checkpoint-N` when complete,
+    so a process killed mid-save leaves the previous checkpoint as the last one `resume_from_checkpoint` finds.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.loss_terms = {"ce_loss": [], "fm_loss": []}
+        self.saving_checkpoint = False
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_FOLDER) if self.saving_checkpoint else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(run_dir, STAGING_FOLDER, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left by a save that was killed
+        self.accelerator.wait_for_everyone()
+        self.saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.saving_checkpoint = False
+        self.accelerator.wait_for_everyone()
+        if not self.args.should_save:
+            return
+        if self.state.best_model_checkpoint == staged:
+            self.state.best_model_checkpoint = final
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+        replaced = staged + ".replaced"
+        if os.path.exists(final):
+            os.rename(final, replaced)
+        os.rename(staged, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
@@ -80,7 +126,11 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {str(path)!r}")
-        raw = yaml.safe_load(path.read_text())
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            # safe_load builds plain values only: a python/object tag is refused here, never run.
+            raise ValueError(f"{path}: not a plain YAML mapping of settings ({error})") from error
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: the config must be a YAML mapping")
         allowed = {f.name for f in fields(cls)}
@@ -90,24 +140,53 @@ class TrainConfig:
         missing = sorted(name for name in ("model", "stage", "output_dir", "data") if name not in raw)
         if missing:
             raise ValueError(f"{path}: missing keys {missing}")
-        base = path.parent
-        raw["data"] = {task: str(base / file) for task, file in (raw["data"] or {}).items()}
-        raw["output_dir"] = str(base / raw["output_dir"])
-        if (base / raw["model"]).exists():
-            raw["model"] = str(base / raw["model"])
         config = cls(**raw)
-        config.check()
+        try:
+            config.check()
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{path}: {error}") from error
+        base = path.parent
+        config.data = {task: str(base / file) for task, file in config.data.items()}
+        config.output_dir = str(base / config.output_dir)
+        if (base / config.model).exists():
+            config.model = str(base / config.model)
         return config
 
     def check(self) -> None:
+        """Every setting, checked before the model loads."""
         get_stage(self.stage)
+        for name in ("model", "output_dir"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.data, dict) or not all(isinstance(file, str) for file in self.data.values()):
+            raise TypeError(f"data must map tasks {TASKS} to JSONL file paths, got {self.data!r}")
         unknown = sorted(set(self.data) - set(TASKS))
         if unknown or not self.data:
             raise ValueError(f"data must map tasks {TASKS} to JSONL files; got {sorted(self.data)}")
+        if self.task_ratios is not None and not (
+            isinstance(self.task_ratios, dict)
+            and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.task_ratios.values())
+        ):
+            raise TypeError(f"task_ratios must map task names to numbers, got {self.task_ratios!r}")
+        for name in ("num_samples", "noise_seed"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise TypeError(f"{name} must be a non-negative integer or null, got {value!r}")
         if self.on_data_error not in ("raise", "skip"):
             raise ValueError(f"on_data_error must be 'raise' or 'skip', got {self.on_data_error!r}")
-        if self.lora is not None and "preset" not in self.lora:
-            raise ValueError("lora needs a preset: understanding, generation or all")
+        if self.lora is not None and (not isinstance(self.lora, dict) or self.lora.get("preset") not in LORA_PRESETS):
+            raise ValueError(f"lora needs a preset, one of {sorted(LORA_PRESETS)}; got {self.lora!r}")
+        if not isinstance(self.resume, (bool, str)):
+            raise TypeError(f"resume must be true, false or a checkpoint path, got {self.resume!r}")
+        if not isinstance(self.training, dict):
+            raise TypeError(f"training must map TrainingArguments fields to values, got {self.training!r}")
+        known = {f.name for f in fields(TrainingArguments)}
+        unknown = sorted(set(self.training) - known)
+        if unknown:
+            raise ValueError(
+                f"training has keys that are not transformers.TrainingArguments fields: {unknown} "
+                "(see the TrainingArguments documentation for the allowed names)"
+            )
 
 
 def build_trainer(config: TrainConfig) -> EmmaTrainer:

@@ -1,0 +1,155 @@
+"""
+Nothing lost: a training run killed while it writes a checkpoint resumes from the previous one, and saving a model
+over an earlier save never leaves old weight files next to the new ones (nor loses the old ones to a failed write).
+"""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from builders import tiny_chat_model, tiny_model, write_toy_dataset
+from transformers.trainer_utils import get_last_checkpoint
+
+from emma_hf import EmmaForConditionalGeneration
+from emma_hf.convert import export_checkpoint
+from emma_hf.training import TrainConfig, run_training
+
+
+# Runs the recipe given as argv[1]; at the second checkpoint it writes half an optimizer file, then dies by SIGKILL.
+KILLED_DURING_SAVE = """
+import os, signal, sys
+
+from transformers import Trainer
+
+from emma_hf.training import TrainConfig, run_training
+
+save_optimizer = Trainer._save_optimizer_and_scheduler
+
+
+def die_during_second_save(self, output_dir):
+    if self.state.global_step == 2:
+        with open(os.path.join(output_dir, "optimizer.pt"), "wb") as file:
+            file.write(b"half an optimizer")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save_optimizer(self, output_dir)
+
+
+Trainer._save_optimizer_and_scheduler = die_during_second_save
+run_training(TrainConfig.from_yaml(sys.argv[1]))
+"""
+
+
+def write_recipe(root: Path, **changes) -> Path:
+    recipe = {
+        "model": "base",
+        "stage": "sft",
+        "output_dir": "run",
+        "data": {"text_to_image": "data/text_to_image.jsonl", "understanding": "data/understanding.jsonl"},
+        "noise_seed": 0,
+        "training": {
+            "max_steps": 3,
+            "save_steps": 1,
+            "logging_steps": 1,
+            "per_device_train_batch_size": 2,
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "report_to": "none",
+        },
+        **changes,
+    }
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_to_resume_from(tmp_path):
+    export_checkpoint(*tiny_chat_model(), tmp_path / "base")
+    write_toy_dataset(tmp_path / "data")
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_DURING_SAVE)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(write_recipe(tmp_path))], capture_output=True, text=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+    run = tmp_path / "run"
+    assert get_last_checkpoint(run) == str(run / "checkpoint-1")
+    assert not (run / "checkpoint-2").exists()
+    optimizer = torch.load(run / "checkpoint-1" / "optimizer.pt", weights_only=True)
+    assert optimizer["state"], "the complete checkpoint holds the optimizer state"
+    EmmaForConditionalGeneration.from_pretrained(run / "checkpoint-1")
+
+    trainer = run_training(TrainConfig.from_yaml(write_recipe(tmp_path, resume=True)))
+    assert trainer.state.global_step == 3
+    steps = [entry["step"] for entry in trainer.state.log_history if "loss" in entry]
+    assert steps == [1, 2, 3], "step 1 comes from checkpoint-1, steps 2 and 3 were trained again"
+    assert torch.load(run / "checkpoint-2" / "optimizer.pt", weights_only=True)["state"]
+    assert sorted(path.name for path in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+
+
+def weight_files(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.glob("model*.safetensors*"))
+
+
+def assert_loads_as(folder: Path, expected: EmmaForConditionalGeneration) -> None:
+    loaded = EmmaForConditionalGeneration.from_pretrained(folder)
+    expected_state = expected.state_dict()
+    assert all(torch.equal(value, expected_state[key]) for key, value in loaded.state_dict().items())
+
+
+SHARDED = "400KB"  # the tiny model in several shards
+
+
+def test_save_pretrained_over_an_earlier_save_leaves_only_the_new_weight_files(tmp_path):
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    first.save_pretrained(tmp_path)
+    second.save_pretrained(tmp_path, max_shard_size=SHARDED)
+    shards = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values()
+    assert weight_files(tmp_path) == sorted({*shards, "model.safetensors.index.json"})
+    assert len(set(shards)) > 1
+    assert_loads_as(tmp_path, second)
+
+    first.save_pretrained(tmp_path)
+    assert weight_files(tmp_path) == ["model.safetensors"]
+    assert_loads_as(tmp_path, first)
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".saving-")]
+
+
+def test_a_failed_save_pretrained_leaves_the_earlier_save_whole(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    first.save_pretrained(tmp_path, max_shard_size=SHARDED)
+    before = {name: (tmp_path / name).read_bytes() for name in weight_files(tmp_path)}
+    write_shard = transformers.modeling_utils.safe_save_file
+    written = []
+
+    def fail_after_one_shard(tensors, filename, metadata=None):
+        if written:
+            Path(filename).write_bytes(b"half a shard")
+            raise OSError("disk full")
+        written.append(filename)
+        write_shard(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_after_one_shard)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(tmp_path, max_shard_size=SHARDED)
+    monkeypatch.undo()
+    assert {name: (tmp_path / name).read_bytes() for name in weight_files(tmp_path)} == before
+    assert_loads_as(tmp_path, first)
+
+
+def test_export_over_an_earlier_export_leaves_only_the_new_shards(tmp_path):
+    (first, processor), (second, _) = tiny_chat_model(seed=1), tiny_chat_model(seed=2)
+    export_checkpoint(first, processor, tmp_path, max_shard_size=SHARDED)
+    export_checkpoint(second, processor, tmp_path)
+    assert weight_files(tmp_path / "model") == ["model.safetensors"]
+    root_index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(root_index.values()) == {"model/model.safetensors"}
+    assert_loads_as(tmp_path, second)
+    assert_loads_as(tmp_path / "model", second)

@@ -1,0 +1,341 @@
+"""
+Every row of docs/errors.md, triggered here: the documented exception (or exit code, for the CLI) and the documented
+parts of its message (what was wrong and what is allowed), raised by emma_hf or the Hugging Face library it called,
+never from deep inside torch or a file decoder. `pytest -k errors` runs them.
+"""
+
+import functools
+import json
+import re
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from builders import noise_image, tiny_chat_model, tiny_model, tiny_processor, write_toy_dataset
+from safetensors.torch import save_file
+from transformers import LlamaConfig
+
+import emma_hf
+from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline
+from emma_hf.cli import main
+from emma_hf.convert import build_emma_from_components, export_checkpoint, load_component_weights, read_safetensors
+from emma_hf.training import JsonlDataset, TrainConfig
+
+
+ERRORS_DOC = Path(__file__).parents[1] / "docs" / "errors.md"
+# Where a documented error may be raised: emma_hf itself, or a Hugging Face library checking its own arguments.
+RAISED_BY = tuple(
+    str(Path(module.__file__).parent)
+    for module in (emma_hf, __import__("transformers"), __import__("huggingface_hub"), __import__("argparse"))
+)
+
+
+@dataclass
+class DocumentedError:
+    raises: str
+    fragments: list[str]
+
+
+def documented_errors() -> dict[str, DocumentedError]:
+    """Table rows of docs/errors.md: `| `id` | bad input | `Raises` | `fragment` · `fragment` |`."""
+    rows = {}
+    for line in ERRORS_DOC.read_text().splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        if len(cells) != 4 or not re.fullmatch(r"`[a-z0-9-]+`", cells[0]):
+            continue
+        fragments = [double or single for double, single in re.findall(r"`` (.+?) ``|`([^`]+)`", cells[3])]
+        rows[cells[0].strip("`")] = DocumentedError(cells[2].strip("`"), fragments)
+    return rows
+
+
+# Shared objects, built once.
+
+
+@functools.cache
+def model() -> EmmaForConditionalGeneration:
+    """Tiny model with the preset's token ids (image 310, gen 313, vocabulary 320)."""
+    return tiny_model()
+
+
+@functools.cache
+def pipe() -> EmmaPipeline:
+    pipeline = EmmaPipeline.from_model(*tiny_chat_model(seed=3))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def image_ids(count: int, text: int = 2) -> torch.Tensor:
+    """`text` text tokens then `count` context-image placeholders (id 310)."""
+    return torch.tensor([[5] * text + [310] * count])
+
+
+def image(height: int = 64, width: int = 64) -> torch.Tensor:
+    return torch.rand(1, 3, height, width)
+
+
+def draw(**arguments):
+    return pipe()(**{"prompt": "Draw a blue triangle.", "num_inference_steps": 1, **arguments})
+
+
+def write_jsonl(folder: Path, *records) -> Path:
+    """A JSONL file next to the toy dataset's `images/` (red.png, green.png, blue.png); strings are written as is."""
+    write_toy_dataset(folder)
+    path = folder / "data.jsonl"
+    path.write_text("".join((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records))
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def read_first(path: Path, task: str, on_error: str = "raise"):
+    return JsonlDataset(path, task, on_error)[0]
+
+
+def train_config(folder: Path, **changes) -> Path:
+    write_toy_dataset(folder / "data")
+    config = {
+        "model": "base",
+        "stage": "sft",
+        "output_dir": "run",
+        "data": {"text_to_image": "data/text_to_image.jsonl"},
+        **changes,
+    }
+    return write_text(folder / "train.yaml", yaml.safe_dump(config))
+
+
+def weights_folder(folder: Path, tensors: dict[str, torch.Tensor] | None = None, pickle: bool = False) -> Path:
+    """A saved tiny model, its weights replaced by `tensors` (safetensors) or by a pickle file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model().save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    state = {key: value.clone() for key, value in model().state_dict().items()}
+    if pickle:
+        torch.save(state, folder / "pytorch_model.bin")
+    elif tensors is not None:
+        save_file({**state, **tensors}, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def truncated_png(path: Path) -> Path:
+    noise_image(64, 64, 0).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    return path
+
+
+def component_folder(folder: Path, pickle: bool = False) -> Path:
+    """A component checkpoint holding only a pickle file, or an index whose shard is missing."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if pickle:
+        torch.save({"weight": torch.zeros(2)}, folder / "pytorch_model.bin")
+    else:
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"weight": "model-00001-of-00002.safetensors"}})
+        )
+    return folder
+
+
+TRIGGERS: dict[str, Callable[[Path], object]] = {
+    # Config
+    "config-unknown-preset": lambda tmp: EmmaConfig.from_preset("emma-7b"),
+    "config-field-type": lambda tmp: EmmaConfig.from_preset("tiny", image_position_scale="8"),
+    "config-code-as-value": lambda tmp: EmmaConfig.from_preset("tiny", vision_router_mode="__import__('os')"),
+    "config-shallow-layers": lambda tmp: EmmaConfig.from_preset("tiny", num_shallow_layers=9),
+    "config-decoupled-module": lambda tmp: EmmaConfig.from_preset("tiny", shallow_decoupled_modules=["w_proj"]),
+    "config-grid-mismatch": lambda tmp: EmmaConfig.from_preset("tiny", vision_unshuffle_factor=1),
+    "config-token-ids-collide": lambda tmp: EmmaConfig.from_preset("tiny", gen_token_id=310),
+    "config-token-id-outside-vocab": lambda tmp: EmmaConfig.from_preset("tiny", image_token_id=5000),
+    "config-image-size": lambda tmp: EmmaConfig.from_preset("tiny").num_image_tokens(100, 64),
+    # Processor
+    "processor-image-type": lambda tmp: EmmaImageProcessor()(images=[123]),
+    "processor-array-shape": lambda tmp: EmmaImageProcessor()(images=np.zeros((8, 8, 7), np.uint8)),
+    "processor-float-range": lambda tmp: EmmaImageProcessor()(images=np.full((8, 8, 3), 2.0)),
+    "processor-nan-pixels": lambda tmp: EmmaImageProcessor()(images=np.full((8, 8, 3), np.nan)),
+    "processor-missing-file": lambda tmp: EmmaImageProcessor()(images=str(tmp / "missing.png")),
+    "processor-not-an-image": lambda tmp: EmmaImageProcessor()(images=str(write_text(tmp / "notes.png", "notes"))),
+    "processor-truncated-file": lambda tmp: EmmaImageProcessor()(images=str(truncated_png(tmp / "cut.png"))),
+    "processor-size": lambda tmp: EmmaImageProcessor(size={"height": 100, "width": 64}),
+    "processor-placeholder-count": lambda tmp: tiny_processor()(
+        text="<|image_pad|> What is it?", images=[noise_image(32, 32, 0)] * 2
+    ),
+    # Model forward
+    "forward-ids-and-embeds": lambda tmp: model()(input_ids=image_ids(0), inputs_embeds=torch.zeros(1, 2, 64)),
+    "forward-id-outside-vocab": lambda tmp: model()(input_ids=torch.tensor([[1, 999]])),
+    "forward-empty-input": lambda tmp: model()(input_ids=torch.zeros(1, 0, dtype=torch.long)),
+    "forward-placeholders-vs-image": lambda tmp: model()(
+        input_ids=image_ids(3), pixel_values=image(), vae_pixel_values=image()
+    ),
+    "forward-image-size": lambda tmp: model()(
+        input_ids=image_ids(2), pixel_values=image(40, 64), vae_pixel_values=image(40, 64)
+    ),
+    "forward-image-channels": lambda tmp: model()(
+        input_ids=image_ids(4), pixel_values=torch.rand(1, 4, 64, 64), vae_pixel_values=image()
+    ),
+    "forward-placeholders-without-images": lambda tmp: model()(input_ids=image_ids(4)),
+    "forward-images-without-placeholders": lambda tmp: model()(
+        input_ids=image_ids(0), pixel_values=image(), vae_pixel_values=image()
+    ),
+    "forward-encoder-inputs-differ": lambda tmp: model()(
+        input_ids=image_ids(4), pixel_values=image(), vae_pixel_values=image(32, 32)
+    ),
+    "forward-attention-mask-shape": lambda tmp: model()(input_ids=image_ids(0), attention_mask=torch.ones(1, 3)),
+    "forward-labels-shape": lambda tmp: model()(input_ids=image_ids(0), labels=torch.zeros(1, 5, dtype=torch.long)),
+    "forward-grid-hw": lambda tmp: model()(
+        input_ids=image_ids(4), pixel_values=image(), vae_pixel_values=image(), image_grid_hw=torch.tensor([[1, 1]])
+    ),
+    "forward-latents-without-t": lambda tmp: model()(
+        input_ids=torch.tensor([[5] + [313] * 4]), noisy_latents=torch.zeros(1, 32, 2, 2)
+    ),
+    "velocity-batch": lambda tmp: model().predict_velocity(
+        torch.zeros(2, 32, 2, 2), 0.5, model().encode_context(image_ids(0))
+    ),
+    "context-with-gen-placeholders": lambda tmp: model().encode_context(torch.tensor([[5, 313, 313]])),
+    # generate
+    "generate-prompt-too-long": lambda tmp: model().generate(torch.ones(1, 5000, dtype=torch.long)),
+    "generate-max-new-tokens": lambda tmp: model().generate(image_ids(0), max_new_tokens=-1),
+    "generate-attentions": lambda tmp: model().generate(
+        image_ids(0), max_new_tokens=2, output_attentions=True, return_dict_in_generate=True
+    ),
+    "generate-image-missing": lambda tmp: model().generate(
+        torch.cat([image_ids(4), image_ids(4)]), pixel_values=image(), vae_pixel_values=image(), max_new_tokens=2
+    ),
+    # Pipeline
+    "pipeline-prompt-type": lambda tmp: draw(prompt=5),
+    "pipeline-empty-prompt-list": lambda tmp: draw(prompt=[]),
+    "pipeline-prompt-too-long": lambda tmp: draw(prompt="circle " * 5000),
+    "pipeline-height": lambda tmp: draw(height=100),
+    "pipeline-steps": lambda tmp: draw(num_inference_steps=0),
+    "pipeline-guidance": lambda tmp: draw(guidance_scale=-1.0),
+    "pipeline-nan-latents": lambda tmp: draw(latents=torch.full((1, 32, 2, 2), float("nan"))),
+    "pipeline-latents-shape": lambda tmp: draw(height=64, width=64, latents=torch.zeros(1, 32, 3, 3)),
+    "pipeline-latents-become-nan": lambda tmp: draw(
+        callback_on_step_end=lambda pipeline, step, t, tensors: {"latents": tensors["latents"] * float("nan")}
+    ),
+    "pipeline-negative-prompts": lambda tmp: draw(prompt=["a", "b"], negative_prompt=["c"]),
+    "pipeline-source-images": lambda tmp: draw(prompt=["a", "b"], image=[noise_image(64, 64, 0)] * 3),
+    "pipeline-source-sizes": lambda tmp: draw(
+        prompt=["a", "b"], image=[noise_image(64, 64, 0), noise_image(32, 96, 0)]
+    ),
+    "pipeline-output-type": lambda tmp: draw(output_type="jpeg"),
+    "pipeline-generators": lambda tmp: draw(generator=[torch.Generator()] * 3),
+    "pipeline-tokens-disagree": lambda tmp: EmmaPipeline.from_model(tiny_model(), tiny_processor()),
+    # Training data and configs
+    "data-missing-field": lambda tmp: read_first(write_jsonl(tmp, {"image": "images/red.png"}), "text_to_image"),
+    "data-not-json": lambda tmp: read_first(write_jsonl(tmp, '{"prompt": "a red square",'), "text_to_image"),
+    "data-field-type": lambda tmp: read_first(
+        write_jsonl(tmp, {"prompt": 5, "image": "images/red.png"}), "text_to_image"
+    ),
+    "data-missing-image": lambda tmp: read_first(
+        write_jsonl(tmp, {"prompt": "a", "image": "images/purple.png"}), "text_to_image"
+    ),
+    "data-corrupt-image": lambda tmp: read_first(
+        write_jsonl(tmp, {"prompt": "a", "image": truncated_png(tmp / "cut.png").name}), "text_to_image"
+    ),
+    "data-image-count": lambda tmp: read_first(
+        write_jsonl(
+            tmp,
+            {"images": ["images/red.png"], "messages": [{"role": "user", "content": [{"type": "image"}] * 2}]},
+        ),
+        "understanding",
+    ),
+    "data-empty-file": lambda tmp: JsonlDataset(write_jsonl(tmp), "text_to_image"),
+    "data-every-line-bad": lambda tmp: read_first(write_jsonl(tmp, "[]", "{}"), "edit", on_error="skip"),
+    "data-unknown-task": lambda tmp: JsonlDataset(write_jsonl(tmp, "{}"), "captioning"),
+    "train-config-missing": lambda tmp: TrainConfig.from_yaml(tmp / "missing.yaml"),
+    "train-unknown-stage": lambda tmp: TrainConfig.from_yaml(train_config(tmp, stage="finetune")),
+    "train-unknown-key": lambda tmp: TrainConfig.from_yaml(train_config(tmp, epochs=3)),
+    "train-missing-keys": lambda tmp: TrainConfig.from_yaml(write_text(tmp / "train.yaml", "stage: sft\n")),
+    "train-unknown-task": lambda tmp: TrainConfig.from_yaml(train_config(tmp, data={"captioning": "c.jsonl"})),
+    "train-field-type": lambda tmp: TrainConfig.from_yaml(train_config(tmp, num_samples="many")),
+    "train-training-argument": lambda tmp: TrainConfig.from_yaml(train_config(tmp, training={"max_step": 5})),
+    "train-lora-preset": lambda tmp: TrainConfig.from_yaml(train_config(tmp, lora={"preset": "vision"})),
+    "train-yaml-python-tag": lambda tmp: TrainConfig.from_yaml(
+        write_text(tmp / "train.yaml", "model: !!python/object/apply:os.system ['echo owned']\n")
+    ),
+    # Convert and loading
+    "convert-not-qwen3": lambda tmp: build_emma_from_components(llama_folder(tmp / "llama"), tmp / "v", tmp / "vae"),
+    "convert-pickle-only": lambda tmp: read_safetensors(component_folder(tmp, pickle=True), "model.safetensors"),
+    "convert-missing-shard": lambda tmp: read_safetensors(component_folder(tmp), "model.safetensors"),
+    "convert-tensor-shape": lambda tmp: load_component_weights(
+        tiny_model(), {**tiny_model().state_dict(), "model.und_adapter.linear_1.weight": torch.zeros(3, 3)}
+    ),
+    "convert-unexpected-weight": lambda tmp: load_component_weights(
+        tiny_model(), {"text_projection.weight": torch.zeros(2)}
+    ),
+    "load-missing-folder": lambda tmp: EmmaForConditionalGeneration.from_pretrained(tmp / "missing"),
+    "load-missing-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(weights_folder(tmp / "empty")),
+    "load-pickle-refused": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "pickle", pickle=True)
+    ),
+    "load-tensor-shape": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "wrong", {"velocity_head.linear_1.weight": torch.zeros(3, 3)})
+    ),
+    "load-truncated-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(truncated_weights(tmp / "cut")),
+    "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
+    "export-model-type": lambda tmp: export_checkpoint(torch.nn.Linear(2, 2), tiny_processor(), tmp / "out"),
+    "export-into-file": lambda tmp: export_checkpoint(*tiny_chat_model(), write_text(tmp / "file", "")),
+    # CLI
+    "cli-steps": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--steps", "0"]),
+    "cli-height": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--height", "100"]),
+    "cli-guidance": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--guidance", "-1"]),
+    "cli-output-extension": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.txt")]),
+    "cli-missing-image": lambda tmp: main(
+        ["edit", str(tmp / "missing.png"), "make it blue", "-o", str(tmp / "x.png")]
+    ),
+    "cli-missing-model": lambda tmp: main(["chat", "hello", "--model", str(tmp / "missing")]),
+    "cli-bad-train-config": lambda tmp: main(["train", str(train_config(tmp, stage="finetune"))]),
+}
+
+
+def llama_folder(folder: Path) -> Path:
+    LlamaConfig().save_pretrained(folder)
+    return folder
+
+
+def truncated_weights(folder: Path) -> Path:
+    weights_folder(folder, {})
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def pickle_adapter(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": ["velocity_head.linear_1"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    torch.save({}, folder / "adapter_model.bin")
+    return folder
+
+
+DOCUMENTED = documented_errors()
+
+
+def test_errors_table_and_triggers_agree():
+    assert len(DOCUMENTED) >= 40
+    assert sorted(DOCUMENTED) == sorted(TRIGGERS)
+    assert all(row.fragments for row in DOCUMENTED.values())
+
+
+@pytest.mark.parametrize("case", sorted(TRIGGERS))
+def test_errors(case: str, tmp_path: Path, capsys):
+    row = DOCUMENTED[case]
+    with pytest.raises(BaseException) as caught:
+        TRIGGERS[case](tmp_path)
+    error = caught.value
+    if isinstance(error, SystemExit):
+        raised, message = f"SystemExit({error.code})", capsys.readouterr().err
+        assert "Traceback" not in message
+    else:
+        raised, message = type(error).__name__, str(error)
+        origin = traceback.extract_tb(error.__traceback__)[-1].filename
+        assert origin.startswith(RAISED_BY), f"raised from {origin}"
+    assert raised == row.raises, message
+    for fragment in row.fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

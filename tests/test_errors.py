@@ -280,6 +280,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "load-truncated-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(truncated_weights(tmp / "cut")),
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
     "export-model-type": lambda tmp: export_checkpoint(torch.nn.Linear(2, 2), tiny_processor(), tmp / "out"),
+    "export-card-field": lambda tmp: export_checkpoint(*tiny_chat_model(), tmp / "out", licence="mit"),
     "export-into-file": lambda tmp: export_checkpoint(*tiny_chat_model(), write_text(tmp / "file", "")),
     # CLI
     "cli-steps": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--steps", "0"]),

@@ -91,6 +91,33 @@ def test_layout_holds_one_copy_of_the_weights_and_all_files(exported):
     assert "arXiv:2512.04810" in card and "{{" not in card
 
 
+def test_model_card_holds_every_section_and_this_models_choices(exported):
+    card = (exported["folder"] / "README.md").read_text()
+    sections = [line for line in card.splitlines() if line.startswith("## ")]
+    assert sections == [
+        "## Intended use",
+        "## Chat about images",
+        "## Draw and edit images",
+        "## Fine-tune with LoRA",
+        "## Design choices of this implementation",
+        "## Training",
+        "## Limitations",
+        "## Citation",
+    ]
+    config = exported["model"].config
+    assert f"`num_shallow_layers` = {config.num_shallow_layers} of {config.text_config.num_hidden_layers}" in card
+    assert f"`vision_moe_layers` = {config.vision_moe_layers}" in card
+    assert 'AutoModelForImageTextToText.from_pretrained("emma-tiny"' in card
+    assert 'DiffusionPipeline.from_pretrained("emma-tiny"' in card and "get_peft_model" in card
+
+
+def test_model_card_texts_come_from_the_exporter(tmp_path):
+    model, processor = tiny_chat_model()
+    texts = {"intended_use": "Tests only.", "training": "Nothing at all.", "limitations": "It is random."}
+    card = (export_checkpoint(model, processor, tmp_path / "card", **texts) / "README.md").read_text()
+    assert all(f"\n{text}\n" in card for text in texts.values())
+
+
 REMOTE_SCRIPT = textwrap.dedent(
     """
     import json, sys

@@ -4,12 +4,16 @@ The shapes model shipped in the package: found offline, small, loadable the Hub 
 or the pipeline fails here.
 """
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+import emma_hf
 from emma_hf.pipeline_emma import EmmaPipeline
 from emma_hf.shapes.evaluate import evaluate
+from emma_hf.shapes.recipe import SHIPPED_CARD
 from emma_hf.shipped import shipped_model_path
 
 
@@ -39,6 +43,16 @@ def test_shipped_model_loads_with_auto_classes():
     assert model.config.model_type == "emma"
     assert processor.tokenizer.convert_tokens_to_ids("<|gen_start|>") == model.config.gen_start_token_id
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_shipped_code_and_card_are_current():
+    """The shipped folder's remote code is the package's (re-run the recipe's `ship` step after changing it)."""
+    folder = shipped_model_path()
+    package = Path(emma_hf.__file__).parent
+    for name in ("configuration_emma.py", "modeling_emma.py", "processing_emma.py", "pipeline_emma.py"):
+        assert (folder / name).read_text() == (package / name).read_text(), f"{name} is stale"
+    card = (folder / "README.md").read_text()
+    assert all(text in card for text in SHIPPED_CARD.values()) and "Not stated" not in card
 
 
 def test_shipped_model_keeps_its_measured_scores(shipped_pipeline):

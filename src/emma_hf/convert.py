@@ -50,6 +50,19 @@ ADDED_BY_EMMA = re.compile(
     r"\.gen\.|gen_norm|mlp\.experts\.[1-9]|vision_tower\.router\.|und_adapter\.|gen_adapter\.|time_embed\.|^velocity_head\."
 )
 HUB_TAGS = ["emma", "any-to-any", "image-text-to-text", "text-to-image", "image-editing", "custom_code"]
+# Model card texts an exporter should replace with what it knows (`export_checkpoint(..., intended_use=...)`).
+CARD_DEFAULTS = {
+    "intended_use": (
+        "Research on unified multimodal models: answering questions about images, drawing images from text, editing "
+        "images from instructions, and fine-tuning for these tasks. Not intended for decisions about people or for "
+        "uses where a wrong answer or image causes harm; disclose generated and edited images as such."
+    ),
+    "training": "Not stated by the exporter: describe the data, stages and steps this checkpoint was trained with.",
+    "limitations": (
+        "Answers can be wrong and images can miss parts of the prompt; the model carries the biases of its training "
+        "data. Not stated further by the exporter: describe the known failure modes here."
+    ),
+}
 
 
 def read_safetensors(source: str | Path, weights_name: str) -> dict[str, torch.Tensor]:
@@ -224,7 +237,11 @@ def sync_special_tokens(model: EmmaForConditionalGeneration, processor: EmmaProc
 
 
 def model_card(model: EmmaForConditionalGeneration, repo_id: str, **card_fields) -> ModelCard:
-    """The model card of an exported checkpoint: Hub metadata plus a summary of this model's sizes."""
+    """
+    The model card of an exported checkpoint (`model_card.md` filled in): Hub metadata, this model's sizes and
+    configured design choices, and the texts in `card_fields` (`intended_use`, `training`, `limitations`; defaults in
+    `CARD_DEFAULTS`) with `license`, `base_model` and `model_name` for the metadata.
+    """
     config = model.config
     text, vision = config.text_config, config.vision_config
     try:
@@ -239,6 +256,18 @@ def model_card(model: EmmaForConditionalGeneration, repo_id: str, **card_fields)
         base_model=card_fields.pop("base_model", None),
         model_name=card_fields.pop("model_name", repo_id.split("/")[-1]),
     )
+    unknown = sorted(set(card_fields) - set(CARD_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"unknown model card fields {unknown}; allowed: license, base_model, model_name, {', '.join(CARD_DEFAULTS)}"
+        )
+    if config.flow_use_dynamic_shifting:
+        flow_shift = (
+            f"shift exp(mu), mu from {config.flow_base_shift} at {config.flow_base_image_seq_len} tokens to "
+            f"{config.flow_max_shift} at {config.flow_max_image_seq_len}"
+        )
+    else:
+        flow_shift = f"fixed shift {config.flow_shift}"
     return ModelCard.from_template(
         card_data,
         template_path=str(MODEL_CARD_TEMPLATE),
@@ -252,10 +281,18 @@ def model_card(model: EmmaForConditionalGeneration, repo_id: str, **card_fields)
         f"{config.vision_moe_layers}",
         vae=f"DC-AE, {config.vae_config['latent_channels']} latent channels, {config.image_grid_size}x downsampling",
         tokens_512=config.num_image_tokens(512, 512),
-        limitations=card_fields.pop(
-            "limitations", "Not stated by the exporter: describe the training data and known failure modes here."
-        ),
-        **card_fields,
+        num_layers=text.num_hidden_layers,
+        num_shallow_layers=config.num_shallow_layers,
+        shallow_decoupled_modules=config.shallow_decoupled_modules,
+        vision_moe_layers=config.vision_moe_layers,
+        vision_num_experts=config.vision_num_experts,
+        vision_router_mode=config.vision_router_mode,
+        image_position_scale=config.image_position_scale,
+        flow_weighting_scheme=config.flow_weighting_scheme,
+        flow_shift=flow_shift,
+        ce_weight=config.ce_weight,
+        fm_weight=config.fm_weight,
+        **{**CARD_DEFAULTS, **card_fields},
     )
 
 
@@ -270,7 +307,8 @@ def export_checkpoint(
 ) -> Path:
     """
     Write `model` and `processor` as one Hub checkpoint folder (layout in this module's docstring) and return its
-    path. `card_fields` (`license`, `base_model`, `model_name`, `limitations`) go into the model card.
+    path. `card_fields` go into the model card: `license`, `base_model`, `model_name`, `intended_use`, `training`,
+    `limitations` (see [`model_card`]).
     """
     if not isinstance(model, EmmaForConditionalGeneration):
         raise TypeError(f"model must be an EmmaForConditionalGeneration, got {type(model).__name__}")
@@ -280,11 +318,13 @@ def export_checkpoint(
     if save_directory.is_file():
         raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
     sync_special_tokens(model, processor)
+    card = model_card(model, repo_id or save_directory.name, **card_fields)
     save_directory.mkdir(parents=True, exist_ok=True)
     model_directory = save_directory / MODEL_SUBFOLDER
 
     # Saved aside, then swapped in whole: shards or an index left from an earlier export must not mix with these.
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=save_directory))
+    staging.chmod(0o755)  # mkdtemp's private mode would stay on the renamed folder
     model.save_pretrained(staging, max_shard_size=max_shard_size)
     if model_directory.exists():
         shutil.rmtree(model_directory)
@@ -296,7 +336,7 @@ def export_checkpoint(
     write_root_index(model_directory, save_directory)
     processor.save_pretrained(save_directory)
     write_pipeline_files(model, processor, save_directory)
-    model_card(model, repo_id or save_directory.name, **card_fields).save(save_directory / "README.md")
+    card.save(save_directory / "README.md")
     return save_directory
 
 

@@ -10,6 +10,7 @@ This file imports no sibling module, so it loads as diffusers remote code next t
 
 import importlib
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -74,6 +75,25 @@ def apply_guidance(
     return guided
 
 
+def check_components(model, processor) -> None:
+    """The model and processor must be EMMA's, and agree on the special tokens' ids (an export syncs them)."""
+    if not hasattr(model, "predict_velocity"):
+        raise TypeError(f"model must be an EmmaForConditionalGeneration, got {type(model).__name__}")
+    if not hasattr(processor, "emma_token_ids"):
+        raise TypeError(f"processor must be an EmmaProcessor, got {type(processor).__name__}")
+    disagreeing = {
+        field: (token_id, getattr(model.config, field))
+        for field, token_id in processor.emma_token_ids.items()
+        if getattr(model.config, field) != token_id
+    }
+    if disagreeing:
+        raise ValueError(
+            "the processor's tokenizer and the model config give EMMA's special tokens different ids "
+            f"(field: (tokenizer id, config id)) {disagreeing}; load both from one exported checkpoint, or call "
+            "emma_hf.convert.sync_special_tokens(model, processor) first"
+        )
+
+
 class EmmaPipeline(DiffusionPipeline):
     r"""
     Text-to-image (`image=None`) and instruction editing (`image=...`) with EMMA.
@@ -97,6 +117,7 @@ class EmmaPipeline(DiffusionPipeline):
 
     def __init__(self, model, processor, scheduler: FlowMatchEulerDiscreteScheduler):
         super().__init__()
+        check_components(model, processor)
         self.register_modules(model=model, processor=processor, scheduler=scheduler)
         self.vae_scale_factor = model.config.image_grid_size
         self.vae_image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -114,6 +135,9 @@ class EmmaPipeline(DiffusionPipeline):
         `emma_hf` installed. Keyword arguments go to every component (e.g. `revision`, `cache_dir`) and to the model
         (e.g. `dtype`, `device_map`).
         """
+        source = os.fspath(pretrained_model_name_or_path)
+        if (os.path.isabs(source) or source.startswith(".") or source.count("/") > 1) and not os.path.isdir(source):
+            raise OSError(f"no folder {source!r}; pass an exported EMMA folder or a Hub model id ('namespace/name')")
         if kwargs.pop("trust_remote_code", False):
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         from transformers import AutoModelForImageTextToText, AutoProcessor

@@ -393,6 +393,9 @@ token belongs to a stream, `und` (text, context images) or `gen` (noisy latents)
 
 import copy
 import functools
+import os
+import re
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -401,6 +404,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -419,7 +423,7 @@ from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2MLP,
     Siglip2VisionEmbeddings,
 )
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, cached_file
 
 
 
@@ -583,6 +587,30 @@ def check_image_runs(input_ids: torch.Tensor, token_id: int, expected: list[int]
         raise ValueError(
             f"input_ids hold runs of {found} placeholder tokens (id {token_id}) but `{argument}` gives images of "
             f"{expected} tokens; each image needs one run of (H/32)*(W/32) placeholders, images in order of appearance"
+        )
+
+
+def check_token_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
+    """Ids outside the embedding table would fail deep inside torch; name the cause instead."""
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
+    low, high = (int(value) for value in torch.aminmax(input_ids))
+    if low < 0 or high >= num_embeddings:
+        raise ValueError(
+            f"input_ids must be token ids in [0, {num_embeddings}) (rows of the embedding table), got ids in "
+            f"[{low}, {high}]; a tokenizer with tokens the model lacks needs "
+            "emma_hf.convert.sync_special_tokens(model, processor), which grows the embeddings"
+        )
+
+
+def check_position_budget(position_ids: torch.Tensor, extra: int, config: EmmaConfig, what: str) -> None:
+    """A prompt (plus `extra` positions still to come) must fit in the RoPE positions the decoder was built for."""
+    needed = int(position_ids.max()) + 1 + extra
+    limit = config.text_config.max_position_embeddings
+    if needed > limit:
+        raise ValueError(
+            f"{what} needs {needed} positions but the model takes at most {limit} "
+            "(text_config.max_position_embeddings); shorten the prompt"
         )
 
 
@@ -996,6 +1024,103 @@ class EmmaPreTrainedModel(PreTrainedModel):
             if sub_config._attn_implementation is None:
                 sub_config._attn_implementation = config._attn_implementation
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args, use_safetensors: bool | None = None, **kwargs
+    ):
+        """
+        `PreTrainedModel.from_pretrained`, reading weights from safetensors only unless `use_safetensors=False`: a
+        pickle checkpoint (`pytorch_model.bin`) can run code while it is read, so opening one is the caller's explicit
+        choice. Missing, damaged and wrong-shaped weights raise errors that name the folder and the tensors.
+        """
+        source = os.fspath(pretrained_model_name_or_path)
+        looks_like_a_path = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
+        if looks_like_a_path and not os.path.isdir(source):
+            raise OSError(f"no folder {source!r}; pass an exported EMMA folder or a Hub model id ('namespace/name')")
+        try:
+            return super().from_pretrained(source, *args, use_safetensors=use_safetensors is not False, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"{source!r}: a safetensors weights file is damaged or truncated ({error}); save or download it again"
+            ) from error
+        except OSError as error:
+            if use_safetensors is False or "safetensors" not in str(error):
+                raise
+            folder = os.path.join(source, kwargs.get("subfolder") or "")
+            pickles = (
+                sorted(name for name in os.listdir(folder) if name.endswith(".bin")) if os.path.isdir(folder) else []
+            )
+            found = f"; it holds the pickle files {pickles}" if pickles else ""
+            raise OSError(
+                f"{source!r} has no safetensors weights (model.safetensors, or shards listed in "
+                f"model.safetensors.index.json){found}. EMMA reads weights from safetensors only: a pickle checkpoint "
+                "can run code while it is read, so load one only from a source you trust, with use_safetensors=False"
+            ) from error
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            reload = {**kwargs, "ignore_mismatched_sizes": True, "output_loading_info": True}
+            _, info = super().from_pretrained(source, *args, use_safetensors=use_safetensors is not False, **reload)
+            shapes = [
+                f"{key} {tuple(saved)} (the config gives {tuple(expected)})"
+                for key, saved, expected in sorted(info["mismatched_keys"])
+            ]
+            raise ValueError(
+                f"{source!r} holds tensors whose shapes do not match its config: {'; '.join(shapes)}. The weights "
+                "and config.json come from different models; pass ignore_mismatched_sizes=True to re-initialise these"
+            ) from error
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """
+        `PreTrainedModel.save_pretrained`, written into a staging folder and moved in file by file, index last:
+        saving over an earlier save never leaves its weight files next to the new ones (a single file next to new
+        shards, or the reverse, would load the old weights), and a crash while writing leaves the earlier files whole.
+        """
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        if kwargs.get("push_to_hub"):
+            kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))
+        variant = re.escape(f".{kwargs['variant']}") if kwargs.get("variant") else ""
+        weight_file = re.compile(
+            rf"(model|pytorch_model){variant}(-\d{{5}}-of-\d{{5}})?\.(safetensors|bin)(\.index\.json)?"
+        )
+        with tempfile.TemporaryDirectory(prefix=".saving-", dir=save_directory) as staging:
+            super().save_pretrained(staging, *args, **kwargs)
+            written = sorted(os.listdir(staging), key=lambda name: name.endswith(".index.json"))
+            if kwargs.get("is_main_process", True):
+                for name in os.listdir(save_directory):
+                    if weight_file.fullmatch(name) and name not in written:
+                        os.remove(os.path.join(save_directory, name))
+            for name in written:
+                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
+
+    def load_adapter(self, peft_model_id: str | None = None, *args, use_safetensors: bool | None = None, **kwargs):
+        """
+        transformers' `load_adapter`, reading `adapter_model.safetensors` only unless `use_safetensors=False`: its
+        fallback to `adapter_model.bin` would unpickle (see [`from_pretrained`]).
+        """
+        if peft_model_id is not None and use_safetensors is not False and kwargs.get("adapter_state_dict") is None:
+            download = {**kwargs, **(kwargs.get("adapter_kwargs") or {})}
+            found = cached_file(
+                peft_model_id,
+                "adapter_model.safetensors",
+                _raise_exceptions_for_missing_entries=False,
+                **{
+                    k: download[k]
+                    for k in ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+                    if k in download
+                },
+            )
+            if found is None:
+                raise OSError(
+                    f"{peft_model_id!r} has no adapter_model.safetensors. EMMA reads adapters from safetensors only: "
+                    "a pickle adapter (adapter_model.bin) can run code while it is read, so load one only from a "
+                    "source you trust, with use_safetensors=False"
+                )
+        if use_safetensors is not None:
+            kwargs["use_safetensors"] = use_safetensors
+        return super().load_adapter(peft_model_id, *args, **kwargs)
+
 
 class EmmaModel(EmmaPreTrainedModel):
     """The EMMA backbone: both image encoders, the adapters and the shared-and-decoupled decoder, without heads."""
@@ -1156,6 +1281,8 @@ class EmmaModel(EmmaPreTrainedModel):
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if input_ids is not None:
+            check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, seq = inputs_embeds.shape[:2]
@@ -1259,11 +1386,20 @@ class EmmaModel(EmmaPreTrainedModel):
                 continue
             if input_ids is None:
                 raise ValueError(f"{argument} needs input_ids with placeholders (id {token_id}) to place its tokens")
+            # Counted from the shapes, so a mismatch is reported before either encoder runs.
+            if argument == "pixel_values":
+                cell = self.config.image_grid_size
+                context_images = as_image_list(pixel_values, argument, self.config.vision_config.num_channels)
+                self.check_image_sizes(context_images, argument, cell)
+                counts = [(image.shape[-2] // cell) * (image.shape[-1] // cell) for image in context_images]
+            else:
+                latents = as_image_list(noisy_latents, argument, self.config.vae_config["latent_channels"])
+                counts = [latent.shape[-2] * latent.shape[-1] for latent in latents]
+            check_image_runs(input_ids, token_id, counts, argument)
             if argument == "pixel_values":
                 tokens = self.get_image_features(pixel_values, vae_pixel_values)
             else:
                 tokens = self.embed_noisy_latents(noisy_latents, timesteps)
-            check_image_runs(input_ids, token_id, [t.shape[0] for t in tokens], argument)
             flat = torch.cat(tokens).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(mask[..., None].to(inputs_embeds.device), flat)
         return inputs_embeds
@@ -1355,6 +1491,11 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         """
         if sum(x is not None for x in (target_pixel_values, target_latents, noisy_latents)) > 1:
             raise ValueError("pass only one of target_pixel_values, target_latents or noisy_latents")
+        if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)} (-100 where no loss is wanted), "
+                f"got {tuple(labels.shape)}"
+            )
         velocity_target = None
         if target_pixel_values is not None:
             target_latents = self.model.encode_latents(target_pixel_values)
@@ -1435,7 +1576,9 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             raise ValueError("input_ids of a context must not hold gen placeholders: gen tokens are added per step")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
         position_ids = emma_position_ids(input_ids, attention_mask, self.config)
+        check_position_budget(position_ids, 1, self.config, "the prompt with its generated image")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1483,7 +1626,10 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         if inputs_tensor.ndim != 2:
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        return emma_position_ids(inputs_tensor, model_kwargs.get("attention_mask"), self.config)
+        check_token_ids(inputs_tensor, self.get_input_embeddings().num_embeddings)
+        position_ids = emma_position_ids(inputs_tensor, model_kwargs.get("attention_mask"), self.config)
+        check_position_budget(position_ids, 0, self.config, "the prompt")
+        return position_ids
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)

@@ -507,8 +507,10 @@ def array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
     elif array.dtype == np.uint16:
         levels = np.round(array * (255.0 / 65535.0)).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
-        low, high = float(np.nanmin(array)), float(np.nanmax(array))
-        if not np.isfinite(array).all() or low < 0.0 or high > 1.0:
+        if not np.isfinite(array).all():
+            raise ValueError("float images must hold finite values in [0, 1]; got NaN or inf")
+        low, high = float(array.min()), float(array.max())
+        if low < 0.0 or high > 1.0:
             raise ValueError(f"float images must hold finite values in [0, 1]; got values in [{low}, {high}]")
         levels = np.round(array * 255.0).astype(np.uint8)
     else:

@@ -52,6 +52,13 @@ class EmmaTrainer(Trainer):
         self.loss_terms = {"ce_loss": [], "fm_loss": []}
         self.saving_checkpoint = False
 
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        """Samples keep every field: [`EmmaCollator`] reads `task`, `prompt`, images... that `forward` does not take."""
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description: str | None = None):
+        return data_collator
+
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
         return os.path.join(run_dir, STAGING_FOLDER) if self.saving_checkpoint else run_dir
@@ -210,7 +217,6 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
         "report_to": "none",
         **config.training,
         "output_dir": config.output_dir,
-        "remove_unused_columns": False,
     }
     checkpointing = arguments.get("activation_checkpointing") or arguments.get("gradient_checkpointing")
     if checkpointing and config.lora is not None:

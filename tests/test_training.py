@@ -71,7 +71,7 @@ def test_mixture_follows_the_ratios():
         TaskMixture({"edit": [1]}, {"understanding": 1})
 
 
-def test_bad_lines_name_file_and_line_and_can_be_skipped(tmp_path, toy):
+def test_bad_lines_name_file_and_line_and_can_be_skipped(tmp_path, toy, caplog):
     path = tmp_path / "edit.jsonl"
     good = toy["edit"].read_text().splitlines()[0].replace('"images/', f'"{toy["edit"].parent}/images/')
     path.write_text(good + "\n" + json.dumps({"image": "a.png", "target": "b.png"}) + "\n\n{not json\n" + good + "\n")
@@ -82,7 +82,12 @@ def test_bad_lines_name_file_and_line_and_can_be_skipped(tmp_path, toy):
     with pytest.raises(DataError, match=rf"{path}:4: not valid JSON"):
         strict[2]
     lenient = JsonlDataset(path, "edit", on_error="skip")
-    assert lenient[1]["instruction"] == strict[0]["instruction"]
+    with caplog.at_level("WARNING", logger="emma_hf.training.data"):
+        assert lenient[1]["instruction"] == strict[0]["instruction"]
+    assert [record.getMessage() for record in caplog.records] == [
+        f"skipping a bad sample: {path}:2: edit samples need the field 'instruction' (str)",
+        f"skipping a bad sample: {path}:4: not valid JSON (Expecting property name enclosed in double quotes)",
+    ]
     missing = tmp_path / "t2i.jsonl"
     missing.write_text(json.dumps({"prompt": "x", "image": "nowhere.png"}) + "\n")
     with pytest.raises(DataError, match=r"t2i.jsonl:1: image file not found: .*nowhere.png"):

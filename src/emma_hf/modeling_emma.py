@@ -900,13 +900,14 @@ class EmmaModel(EmmaPreTrainedModel):
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        if input_ids is not None:
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if input_ids is not None and past_length == 0:
+            # Prompts only: continuing from a cache, the ids are the model's own (no host sync per decoded token).
             check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if input_ids is not None:
             # Continuing from a cache without new images, a placeholder is a token the model wrote: plain text.
             image_mask, gen_mask, block_ids = find_image_blocks(

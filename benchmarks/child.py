@@ -46,7 +46,7 @@ def train(size: str, mode: str) -> dict:
     sizes = SIZES[size]
     model = random_emma(sizes.text_config).train()
     if mode == "checkpointing":
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     batches = [mixed_batch(model.config, sizes.train_side) for _ in range(sizes.train_batch)]
     samples = sum(batch["input_ids"].shape[0] for batch in batches)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
 from diffusers import DiffusionPipeline
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 import emma_hf.pipeline_emma as pipeline_module
@@ -247,12 +247,12 @@ def test_pipeline_shares_the_chat_models_weights():
 def test_lora_adapter_loads_into_the_pipeline(tmp_path):
     trained = make_pipeline(seed=13)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*language_model\.layers\.\d+\.gen\..*(q_proj|v_proj)")
-    trained.model.add_adapter(config)
+    peft_model = get_peft_model(trained.model, config)
     with torch.no_grad():
-        for name, parameter in trained.model.named_parameters():
+        for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(std=0.5)
-    trained.model.save_pretrained(tmp_path / "adapter")
+    peft_model.save_pretrained(tmp_path / "adapter")
     adapted = draw(trained, seed=3)
 
     fresh = make_pipeline(seed=13)

@@ -11,11 +11,13 @@ token belongs to a stream, `und` (text, context images) or `gen` (noisy latents)
 
 import copy
 import functools
+import inspect
 import os
 import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import (
@@ -49,24 +52,50 @@ from .configuration_emma import EmmaConfig
 ImageInput = torch.Tensor | Sequence[torch.Tensor]
 CONTEXT_IMAGE_INPUTS = ("pixel_values", "vae_pixel_values", "image_grid_hw")
 
+# transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: in model outputs, in `forward` arguments
+# and in what `generate()` and activation checkpointing hand over. EMMA uses the installed release's name, so one
+# source runs on the floor release (5.23) and on the newest.
+CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
-@dataclass
+
+def pop_cache_argument(cache: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
+    """The KV cache given as `cache`, or as `past_key_values` (the floor release's `generate()` passes that name)."""
+    legacy = kwargs.pop("past_key_values", None)
+    if legacy is not None and cache is not None:
+        raise ValueError("pass the KV cache once, as `cache` (or `past_key_values` on transformers < 5.24), not both")
+    return legacy if cache is None else cache
+
+
+def model_output(output_class: type) -> type:
+    """
+    A `ModelOutput` dataclass whose `cache` field carries the installed transformers' name for it: `generate()` and
+    beam search look the cache up in outputs by that name.
+    """
+    if CACHE_NAME != "cache":
+        annotations = inspect.get_annotations(output_class)
+        output_class.__annotations__ = {CACHE_NAME if n == "cache" else n: t for n, t in annotations.items()}
+        setattr(output_class, CACHE_NAME, output_class.__dict__["cache"])
+        delattr(output_class, "cache")
+    return dataclass(output_class)
+
+
+@model_output
 class EmmaModelOutputWithPast(ModelOutput):
     r"""
     last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
         Decoder output after the final norm of each token's stream.
-    past_key_values (`Cache`, *optional*): the KV cache, when `use_cache=True`.
+    cache (`Cache`, *optional*): the KV cache, when `use_cache=True` (`past_key_values` on transformers < 5.24).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*): embeddings and every layer's output.
     gen_mask (`torch.BoolTensor` of shape `(batch_size, sequence_length)`): which tokens are generated-image tokens.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     gen_mask: torch.BoolTensor | None = None
 
 
-@dataclass
+@model_output
 class EmmaCausalLMOutputWithPast(ModelOutput):
     r"""
     loss (`torch.FloatTensor`, *optional*): `ce_weight * ce_loss + fm_weight * fm_loss` over the terms present.
@@ -75,7 +104,7 @@ class EmmaCausalLMOutputWithPast(ModelOutput):
     logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): next-token scores.
     velocity (`torch.FloatTensor` of shape `(num_gen_tokens, latent_channels)`, *optional*): predicted velocity of
         every generated-image token, in the order the tokens appear (row by row, each image's cells row-major).
-    past_key_values, hidden_states: as in [`EmmaModelOutputWithPast`].
+    cache, hidden_states: as in [`EmmaModelOutputWithPast`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -83,7 +112,7 @@ class EmmaCausalLMOutputWithPast(ModelOutput):
     fm_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     velocity: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
@@ -92,12 +121,12 @@ class EmmaContext:
     """
     A prompt (text and context images) encoded once, against which every denoising step runs only the gen tokens.
 
-    past_key_values: KV cache of the prompt. It is only read by [`EmmaForConditionalGeneration.predict_velocity`].
+    cache: KV cache of the prompt. It is only read by [`EmmaForConditionalGeneration.predict_velocity`].
     attention_mask: `(batch_size, context_length)`, 0 on padding.
     next_position_ids: `(batch_size,)`, the RoPE index that the generated image's tokens share.
     """
 
-    past_key_values: DynamicCache
+    cache: DynamicCache
     attention_mask: torch.Tensor
     next_position_ids: torch.Tensor
 
@@ -109,7 +138,7 @@ class EmmaContext:
         """The context of the given rows, in that order (rows may repeat: one prompt, several images)."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.attention_mask.device)
         cache = DynamicCache()
-        for layer_idx, layer in enumerate(self.past_key_values.layers):
+        for layer_idx, layer in enumerate(self.cache.layers):
             layer_rows = rows.to(layer.keys.device)
             cache.update(layer.keys[layer_rows], layer.values[layer_rows], layer_idx)
         return EmmaContext(
@@ -537,12 +566,13 @@ class EmmaDecoderLayer(Qwen3DecoderLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | ContextKVView | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         streams: TokenStreams | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cache = pop_cache_argument(cache, kwargs)
         attention = self.self_attn
         residual = hidden_states
         hidden_states = self.part("input_layernorm", hidden_states, streams)
@@ -553,8 +583,8 @@ class EmmaDecoderLayer(Qwen3DecoderLayer):
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, attention.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, attention.layer_idx)
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
             attention.config._attn_implementation, eager_attention_forward
         )
@@ -594,20 +624,21 @@ class EmmaLanguageModel(nn.Module):
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor,
         streams: TokenStreams,
-        past_key_values: Cache | ContextKVView | None = None,
+        cache: Cache | ContextKVView | None = None,
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layers:
+            # Under the installed release's name, so that activation checkpointing drops the cache while training.
             hidden_states = layer(
                 hidden_states,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 position_embeddings=position_embeddings,
                 streams=streams,
+                **{CACHE_NAME: cache},
             )
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
@@ -627,7 +658,7 @@ class EmmaPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["EmmaDecoderLayer", "Siglip2EncoderLayer", "EmmaVisionMoeEncoderLayer", "AutoencoderDC"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -873,7 +904,7 @@ class EmmaModel(EmmaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: ImageInput | None = None,
         vae_pixel_values: ImageInput | None = None,
@@ -895,12 +926,14 @@ class EmmaModel(EmmaPreTrainedModel):
         noisy_latents / timesteps: `x_t` of each generated image (scaled DC-AE latents) and its `t` in [0, 1].
         image_grid_hw: `(num_images, 2)` token grid of each context image, as the processor returns it; checked
             against `pixel_values`.
+        cache: the KV cache to continue from (`past_key_values` is accepted too, as transformers < 5.24 names it).
         """
+        cache = pop_cache_argument(cache, kwargs)
         if output_attentions:
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if input_ids is not None and past_length == 0:
             # Prompts only: continuing from a cache, the ids are the model's own (no host sync per decoded token).
             check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
@@ -959,21 +992,21 @@ class EmmaModel(EmmaPreTrainedModel):
         mask = None if plain_causal else build_attention_mask(gen_mask, block_ids, key_segment_ids, past_length)
         mask = to_attention_implementation(mask, self.config.text_config._attn_implementation, inputs_embeds.dtype)
 
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config.text_config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
         hidden_states, all_hidden_states = self.language_model(
             inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
             streams=TokenStreams(gen_mask),
-            past_key_values=past_key_values if use_cache or past_length else None,
+            cache=cache if use_cache or past_length else None,
             output_hidden_states=bool(output_hidden_states),
         )
         return EmmaModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             gen_mask=gen_mask,
+            **{CACHE_NAME: cache if use_cache else None},
         )
 
     def scatter_visual_tokens(
@@ -1082,7 +1115,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: ImageInput | None = None,
         vae_pixel_values: ImageInput | None = None,
@@ -1109,6 +1142,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         noisy_latents: `x_t` given directly (with `timesteps`), to predict velocity without a loss.
         labels: next-token targets, -100 to ignore; positions whose label is an image placeholder are ignored too.
         """
+        cache = pop_cache_argument(cache, kwargs)
         if sum(x is not None for x in (target_pixel_values, target_latents, noisy_latents)) > 1:
             raise ValueError("pass only one of target_pixel_values, target_latents or noisy_latents")
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:
@@ -1142,7 +1176,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             vae_pixel_values=vae_pixel_values,
@@ -1176,8 +1210,8 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             fm_loss=fm_loss,
             logits=logits,
             velocity=velocity,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
     @torch.no_grad()
@@ -1208,7 +1242,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             use_cache=True,
         )
         return EmmaContext(
-            past_key_values=outputs.past_key_values,
+            cache=getattr(outputs, CACHE_NAME),
             attention_mask=attention_mask,
             next_position_ids=position_ids.max(-1).values + 1,
         )
@@ -1238,7 +1272,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             attention_mask=mask,
             position_ids=position_ids,
             streams=TokenStreams.only_gen(),
-            past_key_values=ContextKVView(context.past_key_values),
+            cache=ContextKVView(context.cache),
         )
         velocity = self.velocity_head(hidden_states)
         return velocity.reshape(batch, height, width, channels).permute(0, 3, 1, 2)

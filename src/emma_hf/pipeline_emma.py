@@ -181,9 +181,12 @@ class EmmaPipeline(DiffusionPipeline):
         return self._interrupt
 
     def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str | None = None, **kwargs) -> None:
-        """Load a PEFT LoRA adapter (folder or Hub id) into the model and make it active."""
+        """Load a PEFT LoRA adapter (folder or Hub id) into the model and make it the active one, for inference."""
+        # peft's own `set_adapter`: transformers >= 5.24 refuses its `model.set_adapter` below peft 0.22.
+        from peft.functional import set_adapter
+
         self.model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
-        self.model.set_adapter(adapter_name or "default")
+        set_adapter(self.model, adapter_name or "default", inference_mode=True)
 
     def default_size(self) -> tuple[int, int]:
         """Text-to-image size when none is given: the largest square within the processor's pixel budget."""

@@ -19,6 +19,7 @@ import yaml
 from builders import noise_image, tiny_chat_model, tiny_model, tiny_processor, write_toy_dataset
 from safetensors.torch import save_file
 from transformers import LlamaConfig
+from transformers.cache_utils import DynamicCache
 
 import emma_hf
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline
@@ -189,6 +190,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "forward-labels-shape": lambda tmp: model()(input_ids=image_ids(0), labels=torch.zeros(1, 5, dtype=torch.long)),
     "forward-grid-hw": lambda tmp: model()(
         input_ids=image_ids(4), pixel_values=image(), vae_pixel_values=image(), image_grid_hw=torch.tensor([[1, 1]])
+    ),
+    "forward-cache-twice": lambda tmp: model()(
+        input_ids=image_ids(0), cache=DynamicCache(), past_key_values=DynamicCache()
     ),
     "forward-latents-without-t": lambda tmp: model()(
         input_ids=torch.tensor([[5] + [313] * 4]), noisy_latents=torch.zeros(1, 32, 2, 2)

@@ -101,3 +101,18 @@ def test_cache_passed_twice_is_refused():
     model = tiny_model()
     with pytest.raises(ValueError, match="pass the KV cache once"):
         model(input_ids=torch.tensor([[1, 2]]), cache=object(), past_key_values=object())
+
+
+def test_no_cache_is_kept_where_the_trainer_or_checkpointing_turn_it_off():
+    model = tiny_model()
+    input_ids = torch.tensor([[1, 2, 3]])
+    assert getattr(model(input_ids=input_ids), CACHE_NAME) is not None
+    model.config.use_cache = False  # what the Trainer does with `TrainingArguments.use_cache=False`
+    assert getattr(model(input_ids=input_ids), CACHE_NAME) is None
+    assert getattr(model(input_ids=input_ids, use_cache=True), CACHE_NAME) is not None
+
+    model = tiny_model().train()
+    model.activation_checkpointing_enable()
+    output = model(input_ids=input_ids, labels=input_ids)
+    output.loss.backward()
+    assert getattr(output, CACHE_NAME) is None

@@ -953,7 +953,14 @@ class EmmaModel(EmmaPreTrainedModel):
             image_mask = gen_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
             block_ids = torch.full((batch, seq), -1, dtype=torch.long, device=device)
         has_gen = bool(gen_mask.any())
-        use_cache = use_cache if use_cache is not None else (self.config.text_config.use_cache and not has_gen)
+        if use_cache is None:
+            # The Trainer switches caching off in the top-level config (`TrainingArguments.use_cache`), and a training
+            # pass under activation checkpointing replays its layers, so it keeps no cache either.
+            use_cache = (
+                getattr(self.config, "use_cache", self.config.text_config.use_cache)
+                and not has_gen
+                and not (self.training and torch.is_grad_enabled() and self.is_activation_checkpointing)
+            )
         if use_cache and has_gen:
             raise ValueError(
                 "use_cache=True cannot cache noisy gen tokens; encode the prompt with encode_context() and run "

@@ -1,5 +1,6 @@
 """`emma-hf params` prints the component sizes of a preset or a saved config."""
 
+import argparse
 import json
 
 import numpy as np
@@ -107,3 +108,50 @@ def test_eval_command_prints_every_row(exported_tiny, tmp_path, capsys):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert set(scores) == {"understanding", "text_to_image", "edit"}
     assert all(0.0 <= rate <= 1.0 for task in scores.values() for rate in task.values() if rate == rate)
+
+
+def test_every_option_has_help_with_its_default_and_there_is_a_version(capsys):
+    from emma_hf.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        help_text = " ".join(command.format_help().split())
+        for action in command._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help"
+            if action.default is not None:
+                assert f"(default: {action.default})" in help_text, f"{name} {action.option_strings[0]}"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("emma-hf ")
+
+
+def test_lora_option_applies_an_adapter_and_an_adapter_is_no_model(exported_tiny, tmp_path, capsys):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(exported_tiny)
+    targets = r".*language_model\.layers\.\d+\.gen\..*(q_proj|v_proj)"
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    adapted.save_pretrained(tmp_path / "adapter")
+
+    drawing = ["a red circle", "--model", str(exported_tiny), "--steps", "2", "--seed", "3"]
+    main(["generate", *drawing, "-o", str(tmp_path / "plain.png")])
+    main(["generate", *drawing, "-o", str(tmp_path / "adapted.png"), "--lora", str(tmp_path / "adapter")])
+    plain, with_lora = (np.asarray(PIL.Image.open(tmp_path / f"{n}.png")) for n in ("plain", "adapted"))
+    assert not np.array_equal(plain, with_lora)
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--model", str(tmp_path / "adapter")])
+    assert exit_info.value.code == 1 and "holds a LoRA adapter" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "no folder" in capsys.readouterr().err

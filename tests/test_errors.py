@@ -92,6 +92,7 @@ def write_jsonl(folder: Path, *records) -> Path:
 
 
 def write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
 
@@ -110,6 +111,12 @@ def train_config(folder: Path, **changes) -> Path:
         **changes,
     }
     return write_text(folder / "train.yaml", yaml.safe_dump(config))
+
+
+def adapter_folder(folder: Path) -> Path:
+    """A folder as PEFT saves an adapter (its config is all the CLI looks at)."""
+    write_text(folder / "adapter" / "adapter_config.json", json.dumps({"peft_type": "LORA"}))
+    return folder / "adapter"
 
 
 def weights_folder(folder: Path, tensors: dict[str, torch.Tensor] | None = None, pickle: bool = False) -> Path:
@@ -260,6 +267,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "train-field-type": lambda tmp: TrainConfig.from_yaml(train_config(tmp, num_samples="many")),
     "train-training-argument": lambda tmp: TrainConfig.from_yaml(train_config(tmp, training={"max_step": 5})),
     "train-lora-preset": lambda tmp: TrainConfig.from_yaml(train_config(tmp, lora={"preset": "vision"})),
+    "train-model-folder-missing": lambda tmp: TrainConfig.from_yaml(train_config(tmp, model="../checkpoints/emma")),
     "train-yaml-python-tag": lambda tmp: TrainConfig.from_yaml(
         write_text(tmp / "train.yaml", "model: !!python/object/apply:os.system ['echo owned']\n")
     ),
@@ -295,6 +303,8 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
         ["edit", str(tmp / "missing.png"), "make it blue", "-o", str(tmp / "x.png")]
     ),
     "cli-missing-model": lambda tmp: main(["chat", "hello", "--model", str(tmp / "missing")]),
+    "cli-lora-missing": lambda tmp: main(["chat", "hello", "--lora", str(tmp / "missing")]),
+    "cli-adapter-as-model": lambda tmp: main(["chat", "hello", "--model", str(adapter_folder(tmp))]),
     "cli-bad-train-config": lambda tmp: main(["train", str(train_config(tmp, stage="finetune"))]),
 }
 

@@ -3,7 +3,9 @@
 import argparse
 import math
 import os
+import re
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 import torch
 
@@ -44,15 +46,21 @@ def train(args: argparse.Namespace) -> None:
     """Run a training recipe (stage, data, model, LoRA, output) from a YAML config."""
     from .training import TrainConfig, run_training
 
-    run_training(TrainConfig.from_yaml(args.config))
+    config = TrainConfig.from_yaml(args.config)
+    run_training(config)
+    print(f"wrote {os.path.join(config.output_dir, 'final')} (checkpoints in {config.output_dir})")
 
 
 def load_pipeline(args: argparse.Namespace):
-    """The pipeline of `--model` (folder or Hub id), or of the shapes model shipped in the package."""
+    """The pipeline of `--model` (folder or Hub id), or of the shapes model shipped in the package, with `--lora`."""
     from .pipeline_emma import EmmaPipeline
     from .shipped import shipped_model_path
 
+    if args.model and os.path.isfile(os.path.join(args.model, "adapter_config.json")):
+        raise ValueError(f"{args.model!r} holds a LoRA adapter, not a model: pass it as --lora (and --model its base)")
     pipe = EmmaPipeline.from_pretrained(str(args.model or shipped_model_path()), dtype=torch.float32)
+    if args.lora:
+        pipe.load_lora_weights(args.lora)
     pipe.model.eval()
     return pipe
 
@@ -123,6 +131,7 @@ def evaluate_shapes(args: argparse.Namespace) -> None:
         rows = {task: {kind: rate for kind, rate, _ in task_scores.rows()} for task, task_scores in scores.items()}
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=2)
+        print(f"wrote {args.json}")
 
 
 def demo(args: argparse.Namespace) -> None:
@@ -162,6 +171,18 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def adapter_source(text: str) -> str:
+    if os.path.isdir(text):
+        if not os.path.isfile(os.path.join(text, "adapter_config.json")):
+            raise argparse.ArgumentTypeError(f"{text!r} holds no adapter_config.json: not a PEFT adapter folder")
+        return text
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", text) or text.startswith("."):
+        raise argparse.ArgumentTypeError(
+            f"no folder {text!r}; pass a PEFT adapter folder or Hub id ('namespace/name')"
+        )
+    return text
+
+
 def existing_image_file(text: str) -> str:
     if not os.path.isfile(text):
         raise argparse.ArgumentTypeError(f"image file not found: {text!r}")
@@ -182,24 +203,49 @@ def image_output_file(text: str) -> str:
     return text
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's help ends with its default, where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if action.option_strings and not any(action.default is unset for unset in (None, False, argparse.SUPPRESS)):
+            help_text += " (default: %(default)s)"
+        return help_text
+
+
 def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> None:
     parser.add_argument("--model", help="EMMA folder or Hub id (default: the shapes model shipped with emma_hf)")
+    parser.add_argument("--lora", type=adapter_source, help="PEFT LoRA adapter folder or Hub id to apply to the model")
     if drawing:
         parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
         parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
         parser.add_argument("--guidance", type=guidance_scale, default=1.5, help="text guidance scale (<= 1: off)")
 
 
+def package_version() -> str:
+    try:
+        return version("emma_hf")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="emma-hf", description="EMMA: understanding, generation and editing.")
+    parser = argparse.ArgumentParser(
+        prog="emma-hf", description="EMMA: understanding, generation and editing.", formatter_class=HelpWithDefaults
+    )
+    parser.add_argument("--version", action="version", version=f"emma-hf {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    params_parser = commands.add_parser("params", help="parameter counts of a preset or a checkpoint's config")
+
+    def add_command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help_text, description=help_text, formatter_class=HelpWithDefaults)
+
+    params_parser = add_command("params", "parameter counts of a preset or a checkpoint's config")
     source = params_parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=sorted(PRESETS), default="emma-4b")
+    source.add_argument("--preset", choices=sorted(PRESETS), default="emma-4b", help="model size to count")
     source.add_argument("--model", help="folder or Hub id holding an EMMA config.json")
     params_parser.set_defaults(run=params)
 
-    convert_parser = commands.add_parser("convert", help="build EMMA from Qwen3, SigLIP2 and DC-AE checkpoints")
+    convert_parser = add_command("convert", "build EMMA from Qwen3, SigLIP2 and DC-AE checkpoints")
     convert_parser.add_argument("--llm", required=True, help="Qwen3 causal-LM folder or Hub id (with its tokenizer)")
     convert_parser.add_argument("--vision", required=True, help="SigLIP2 vision or full model folder or Hub id")
     convert_parser.add_argument("--vae", required=True, help="diffusers AutoencoderDC folder or Hub id")
@@ -208,53 +254,57 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--vision-moe-layers", type=int, nargs="+", help="SigLIP2 layers given MoE MLPs")
     convert_parser.add_argument("--min-pixels", type=int, default=256 * 256, help="image processor's pixel floor")
     convert_parser.add_argument("--max-pixels", type=int, default=1024 * 1024, help="image processor's pixel budget")
-    convert_parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    convert_parser.add_argument("--max-shard-size", default="5GB")
+    convert_parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16", help="dtype of the written weights"
+    )
+    convert_parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     convert_parser.set_defaults(run=convert)
 
-    train_parser = commands.add_parser("train", help="train a stage (or LoRA) from a YAML config")
+    train_parser = add_command("train", "train a stage (or LoRA) from a YAML config")
     train_parser.add_argument("config", help="YAML file: model, stage, output_dir, data, training, ... (see docs)")
     train_parser.set_defaults(run=train)
 
-    generate_parser = commands.add_parser("generate", help="draw an image from a prompt")
-    generate_parser.add_argument("prompt")
+    generate_parser = add_command("generate", "draw an image from a prompt")
+    generate_parser.add_argument("prompt", help="what to draw")
     generate_parser.add_argument("-o", "--output", type=image_output_file, required=True, help="image file to write")
-    generate_parser.add_argument("--height", type=image_side)
-    generate_parser.add_argument("--width", type=image_side)
+    size_help = "image {} in pixels, a multiple of 32 (default: the model's own size, 96 for the shipped model)"
+    generate_parser.add_argument("--height", type=image_side, help=size_help.format("height"))
+    generate_parser.add_argument("--width", type=image_side, help=size_help.format("width"))
     add_model_options(generate_parser)
     generate_parser.set_defaults(run=generate)
 
-    edit_parser = commands.add_parser("edit", help="edit an image by an instruction")
+    edit_parser = add_command("edit", "edit an image by an instruction")
     edit_parser.add_argument("image", type=existing_image_file, help="image file to edit")
-    edit_parser.add_argument("instruction")
+    edit_parser.add_argument("instruction", help="what to change")
     edit_parser.add_argument("-o", "--output", type=image_output_file, required=True, help="image file to write")
     edit_parser.add_argument(
-        "--image-guidance", type=guidance_scale, default=1.0, help="source-image guidance (<= 1: off)"
+        "--image-guidance", type=guidance_scale, default=1.0, help="source-image guidance scale (<= 1: off)"
     )
     add_model_options(edit_parser)
     edit_parser.set_defaults(run=edit)
 
-    chat_parser = commands.add_parser("chat", help="answer a question about an image")
-    chat_parser.add_argument("question")
+    chat_parser = add_command("chat", "answer a question about an image")
+    chat_parser.add_argument("question", help="the question")
     chat_parser.add_argument("--image", type=existing_image_file, help="image file the question is about")
-    chat_parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    chat_parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="longest answer, in tokens")
     add_model_options(chat_parser, drawing=False)
     chat_parser.set_defaults(run=chat)
 
-    eval_parser = commands.add_parser("eval", help="the shapes-world scores (SHAPES.md) as a table")
-    eval_parser.add_argument("--questions", type=int, default=500)
-    eval_parser.add_argument("--prompts", type=int, default=200)
-    eval_parser.add_argument("--edits", type=int, default=200)
-    eval_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0)
+    eval_parser = add_command("eval", "the shapes-world scores (docs/shapes.md) as a table")
+    eval_parser.add_argument("--questions", type=int, default=500, help="questions to answer (understanding)")
+    eval_parser.add_argument("--prompts", type=int, default=200, help="prompts to draw (text-to-image)")
+    eval_parser.add_argument("--edits", type=int, default=200, help="instructions to apply (editing)")
+    image_guidance_help = "source-image guidance scale of edits (<= 1: off)"
+    eval_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0, help=image_guidance_help)
     eval_parser.add_argument("--json", help="also write the scores to this JSON file")
     add_model_options(eval_parser)
     eval_parser.set_defaults(run=evaluate_shapes, seed=1234)
 
-    demo_parser = commands.add_parser("demo", help="write a contact sheet of all three tasks")
+    demo_parser = add_command("demo", "write a contact sheet of all three tasks")
     demo_parser.add_argument(
         "-o", "--output", type=image_output_file, default="emma-demo.png", help="image file to write"
     )
-    demo_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0)
+    demo_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0, help=image_guidance_help)
     add_model_options(demo_parser)
     demo_parser.set_defaults(run=demo)
     return parser

@@ -2,6 +2,7 @@
 
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 from .world import (
@@ -52,6 +53,11 @@ def edit_set(seed: int, count: int, canvas: int = 96, training: bool = False) ->
     return edits
 
 
+def no_progress(iterable, **kwargs):
+    """Stands in for `tqdm` where no progress bar is wanted."""
+    return iterable
+
+
 def write_training_data(
     folder: str | Path,
     seed: int,
@@ -59,8 +65,10 @@ def write_training_data(
     num_prompts: int,
     num_edits: int,
     canvas: int = 96,
+    progress: Callable | None = None,
 ) -> dict[str, Path]:
     """The three JSONL files of emma_hf.training (and their PNGs) for the shapes world, held-out split respected."""
+    progress = progress or no_progress
     folder = Path(folder)
     images = folder / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,8 @@ def write_training_data(
         return f"images/{name}.png"
 
     records = {"understanding": [], "text_to_image": [], "edit": []}
-    for i, (scene, question) in enumerate(question_set(seed, num_questions, canvas)):
+    questions = question_set(seed, num_questions, canvas)
+    for i, (scene, question) in enumerate(progress(questions, desc="questions")):
         content = [{"type": "image"}, {"type": "text", "text": question.text}]
         records["understanding"].append(
             {
@@ -78,9 +87,9 @@ def write_training_data(
                 "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": question.answer}],
             }
         )
-    for i, prompt in enumerate(prompt_set(seed + 1, num_prompts, canvas, training=True)):
+    for i, prompt in enumerate(progress(prompt_set(seed + 1, num_prompts, canvas, training=True), desc="prompts")):
         records["text_to_image"].append({"prompt": prompt.text, "image": save(prompt.scene, f"prompt-{i}")})
-    for i, edit in enumerate(edit_set(seed + 2, num_edits, canvas, training=True)):
+    for i, edit in enumerate(progress(edit_set(seed + 2, num_edits, canvas, training=True), desc="edits")):
         records["edit"].append(
             {
                 "image": save(edit.source, f"edit-{i}-source"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .checker import check_edit, check_prompt
-from .data import edit_set, prompt_set, question_set
+from .data import edit_set, no_progress, prompt_set, question_set
 from .world import EDIT_TYPES, HELD_OUT, PROMPT_CATEGORIES, QUESTION_TYPES, render
 
 
@@ -47,11 +47,14 @@ def mentions_held_out(text: str) -> bool:
     return " ".join(HELD_OUT) in text
 
 
-def answer_questions(pipe, questions: list, batch_size: int, max_new_tokens: int = 48) -> list[str]:
+def answer_questions(
+    pipe, questions: list, batch_size: int, max_new_tokens: int = 48, progress: Callable | None = None
+) -> list[str]:
     """Greedy answers of the chat model to (scene, question) pairs, in batches."""
     model, processor = pipe.model, pipe.processor
+    progress = progress or no_progress
     answers = []
-    for start in range(0, len(questions), batch_size):
+    for start in progress(range(0, len(questions), batch_size), desc="understanding"):
         chunk = questions[start : start + batch_size]
         messages = [
             [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.text}]}]
@@ -81,14 +84,14 @@ def evaluate(
 ) -> dict[str, TaskScores]:
     """Score the pipeline's model on freshly drawn scenes (`seed` must be one training never used)."""
     canvas = pipe.processor.image_processor.size.height or 96
-    progress = progress or (lambda iterable, **kwargs: iterable)
+    progress = progress or no_progress
     scores = {
         "understanding": TaskScores(QUESTION_TYPES),
         "text_to_image": TaskScores(PROMPT_CATEGORIES),
         "edit": TaskScores(EDIT_TYPES),
     }
     questions = question_set(seed, num_questions, canvas)
-    answers = answer_questions(pipe, questions, batch_size)
+    answers = answer_questions(pipe, questions, batch_size, progress=progress)
     for (_, question), answer in zip(questions, answers):
         scores["understanding"].add(question.kind, answer == question.answer, mentions_held_out(question.text))
 

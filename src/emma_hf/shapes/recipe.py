@@ -135,13 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.step == "autoencoder":
         train_autoencoder(args.output, max_steps=args.steps, canvas=CANVAS)
+        print(f"wrote {args.output}")
     elif args.step == "data":
-        write_training_data(args.output, args.seed, NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS, CANVAS)
+        from tqdm.auto import tqdm
+
+        files = write_training_data(args.output, args.seed, NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS, CANVAS, tqdm)
+        print("\n".join(f"wrote {path}" for path in files.values()))
     elif args.step == "init":
         model, processor = initial_model(args.autoencoder)
-        export_checkpoint(model, processor, args.output, model_name="shapes-emma-init")
+        print(f"wrote {export_checkpoint(model, processor, args.output, model_name='shapes-emma-init')}")
     else:
-        print(ship(args.checkpoint))
+        print(f"wrote {ship(args.checkpoint)}")
     return 0
 
 

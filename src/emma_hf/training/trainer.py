@@ -155,8 +155,14 @@ class TrainConfig:
         base = path.parent
         config.data = {task: str(base / file) for task, file in config.data.items()}
         config.output_dir = str(base / config.output_dir)
-        if (base / config.model).exists():
-            config.model = str(base / config.model)
+        model = base / Path(config.model).expanduser()
+        if model.exists():
+            config.model = str(model)
+        elif config.model.startswith((".", "/", "~")) or config.model.count("/") > 1:
+            raise FileNotFoundError(
+                f"{path}: model folder not found: {str(model.resolve())!r} (`model: {config.model}` is relative to the config "
+                "file); point it at an exported EMMA folder or a Hub id"
+            )
         return config
 
     def check(self) -> None:

@@ -10,6 +10,8 @@ import torch
 from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
 from huggingface_hub import HfApi
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+from transformers.testing_utils import CaptureLogger
+from transformers.utils import logging
 
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaModel, EmmaProcessor
 from emma_hf.convert import export_checkpoint, push_to_hub
@@ -275,3 +277,10 @@ def test_plain_save_pretrained_also_writes_remote_code_and_auto_map(exported, tm
     auto_map = json.loads((tmp_path / "model" / "config.json").read_text())["auto_map"]
     assert auto_map["AutoModelForImageTextToText"] == "modeling_emma.EmmaForConditionalGeneration"
     assert auto_map["AutoConfig"] == "configuration_emma.EmmaConfig"
+
+
+def test_the_backbone_loads_from_an_export_without_a_load_report(exported):
+    """`AutoModel` gives the backbone, which leaves the exported velocity head out by design: nothing to report."""
+    with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
+        backbone = AutoModel.from_pretrained(exported["folder"])
+    assert type(backbone) is EmmaModel and captured.out == ""

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from emma_hf.cli import main
 from emma_hf.convert import export_checkpoint
-from emma_hf.training import TrainConfig
+from emma_hf.training import TrainConfig, build_trainer
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,10 @@ def logged_losses(folder) -> list[dict]:
     return logged_entries(json.loads((folder / "trainer_state.json").read_text())["log_history"])
 
 
-def test_train_writes_checkpoints_and_an_export(workspace):
+def test_train_writes_checkpoints_and_an_export(workspace, capsys):
     assert main(["train", write_config(workspace, "full")]) == 0
     run = workspace / "full"
+    assert f"wrote {run / 'final'}" in capsys.readouterr().out
     assert (run / "checkpoint-3").is_dir() and (run / "checkpoint-6").is_dir()
     assert (run / "final" / "model_index.json").exists() and (run / "final" / "model").is_dir()
     losses = logged_losses(run / "checkpoint-6")
@@ -188,3 +189,13 @@ print(json.dumps({"module": type(model).__module__, "importable": emma_hf_import
     result = run_python_without_emma_hf(script, [str(workspace / "base"), str(lora_module)], tmp_path, tmp_path / "hf")
     assert result["module"].startswith("transformers_modules.") and result["importable"] is False
     assert result["all_lora"] and result["with_grad"] > 0
+
+
+def test_batches_are_pinned_only_for_an_accelerator(workspace, recwarn):
+    """A recipe without `use_cpu` on a CPU-only machine loads its batches without torch's pin_memory warning."""
+    config = TrainConfig.from_yaml(write_config(workspace, "pinning"))
+    del config.training["use_cpu"]
+    trainer = build_trainer(config)
+    assert trainer.args.dataloader_pin_memory == torch.accelerator.is_available()
+    next(iter(trainer.get_train_dataloader()))
+    assert torch.accelerator.is_available() or not [w for w in recwarn if "pin_memory" in str(w.message)]

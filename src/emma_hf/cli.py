@@ -105,7 +105,7 @@ def chat(args: argparse.Namespace) -> None:
 
 
 def evaluate_shapes(args: argparse.Namespace) -> None:
-    """SHAPES.md scores on scenes drawn with --seed, as a table (and JSON with --json)."""
+    """The shapes-world scores (docs/shapes.md) on scenes drawn with --seed, as a table (and JSON with --json)."""
     from tqdm.auto import tqdm
 
     from .shapes import evaluate, score_table

@@ -1,4 +1,4 @@
-"""The shapes world (SHAPES.md): scenes, their words, a checker, training data and evaluation."""
+"""The shapes world (docs/shapes.md): scenes, their words, a checker, training data and evaluation."""
 
 from .checker import check_edit, check_prompt, detect
 from .evaluate import evaluate, score_table

@@ -1,5 +1,5 @@
 """
-The checker of SHAPES.md: read a scene back from pixels (palette classification, 8-connected components, shape
+The checker of docs/shapes.md: read a scene back from pixels (palette classification, 8-connected components, shape
 from fill ratio, cell from centroid) and judge prompts and edits against it.
 """
 

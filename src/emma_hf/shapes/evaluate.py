@@ -1,4 +1,4 @@
-"""The scores of SHAPES.md for an EMMA pipeline: understanding, text-to-image and editing, per kind and overall,
+"""The scores of docs/shapes.md for an EMMA pipeline: understanding, text-to-image and editing, per kind and overall,
 with the held-out `purple triangle` rows apart."""
 
 from collections import defaultdict
@@ -17,7 +17,7 @@ HELD_OUT_ROW = "purple triangle (held out)"
 
 @dataclass
 class TaskScores:
-    """Pass counts per kind; `overall` is the mean over the kinds (SHAPES.md), `held_out` apart."""
+    """Pass counts per kind; `overall` is the mean over the kinds (docs/shapes.md), `held_out` apart."""
 
     kinds: tuple[str, ...]
     passed: dict[str, int] = field(default_factory=lambda: defaultdict(int))

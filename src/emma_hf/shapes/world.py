@@ -1,5 +1,5 @@
 """
-The shapes world of SHAPES.md: scenes of coloured shapes on a 3x3 grid, their rendering, and the words used to
+The shapes world of docs/shapes.md: scenes of coloured shapes on a 3x3 grid, their rendering, and the words used to
 talk about them (prompts, questions and answers, edit instructions), each generated with its ground truth.
 """
 
@@ -152,7 +152,7 @@ class Prompt:
 
 
 def random_prompt(rng: random.Random, category: str, canvas: int = 128, allow_held_out: bool = True) -> Prompt:
-    """A prompt of `category` (SHAPES.md) with an example scene."""
+    """A prompt of `category` (docs/shapes.md) with an example scene."""
     if category not in PROMPT_CATEGORIES:
         raise ValueError(f"category must be one of {PROMPT_CATEGORIES}, got {category!r}")
     kind = random_kind(rng, allow_held_out)
@@ -211,7 +211,7 @@ class Question:
 
 
 def describe(scene: Scene) -> str:
-    """Objects in reading order (row, then column), as SHAPES.md words them."""
+    """Objects in reading order (row, then column), as docs/shapes.md words them."""
     ordered = sorted(scene.objects, key=lambda o: o.cell)
     return " and ".join(f"{o.phrase()} at the {CELLS[o.cell]}" for o in ordered)
 

@@ -221,6 +221,8 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
         "logging_steps": 10,
         "save_strategy": "steps",
         "report_to": "none",
+        # Pinned memory only helps copies to an accelerator; on a CPU-only machine torch warns about it.
+        "dataloader_pin_memory": torch.accelerator.is_available(),
         **config.training,
         "output_dir": config.output_dir,
     }

@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     autoencoder.add_argument("--steps", type=int, default=2500)
     data = steps.add_parser("data", help="write the training data")
     data.add_argument("output")
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--seed", type=int, default=0, help="seed of the scenes (evaluation uses 1234)")
+    data.add_argument("--questions", type=int, default=NUM_QUESTIONS, help="understanding samples")
+    data.add_argument("--prompts", type=int, default=NUM_PROMPTS, help="text-to-image samples")
+    data.add_argument("--edits", type=int, default=NUM_EDITS, help="editing samples")
     init = steps.add_parser("init", help="write the randomly initialised EMMA checkpoint")
     init.add_argument("output")
     init.add_argument("--autoencoder", required=True)
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.step == "data":
         from tqdm.auto import tqdm
 
-        files = write_training_data(args.output, args.seed, NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS, CANVAS, tqdm)
+        files = write_training_data(args.output, args.seed, args.questions, args.prompts, args.edits, CANVAS, tqdm)
         print("\n".join(f"wrote {path}" for path in files.values()))
     elif args.step == "init":
         model, processor = initial_model(args.autoencoder)

@@ -23,6 +23,7 @@ The config (YAML):
 
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -153,11 +154,11 @@ class TrainConfig:
         except (TypeError, ValueError) as error:
             raise type(error)(f"{path}: {error}") from error
         base = path.parent
-        config.data = {task: str(base / file) for task, file in config.data.items()}
-        config.output_dir = str(base / config.output_dir)
+        config.data = {task: os.path.normpath(base / file) for task, file in config.data.items()}
+        config.output_dir = os.path.normpath(base / config.output_dir)
         model = base / Path(config.model).expanduser()
         if model.exists():
-            config.model = str(model)
+            config.model = os.path.normpath(model)
         elif config.model.startswith((".", "/", "~")) or config.model.count("/") > 1:
             raise FileNotFoundError(
                 f"{path}: model folder not found: {str(model.resolve())!r} (`model: {config.model}` is relative to the config "
@@ -212,7 +213,10 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
         from peft import get_peft_model
 
         lora = dict(config.lora)
-        model = get_peft_model(model, emma_lora_config(model, lora.pop("preset"), **lora))
+        with warnings.catch_warnings():
+            # peft reads transformers' deprecated `is_gradient_checkpointing` alias: noise the user did not cause.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            model = get_peft_model(model, emma_lora_config(model, lora.pop("preset"), **lora))
     datasets = {task: JsonlDataset(path, task, config.on_data_error) for task, path in config.data.items()}
     ratios = config.task_ratios or {task: r for task, r in stage.task_ratios.items() if task in datasets}
     dataset = TaskMixture(datasets, ratios, config.num_samples)

@@ -199,3 +199,16 @@ def test_batches_are_pinned_only_for_an_accelerator(workspace, recwarn):
     assert trainer.args.dataloader_pin_memory == torch.accelerator.is_available()
     next(iter(trainer.get_train_dataloader()))
     assert torch.accelerator.is_available() or not [w for w in recwarn if "pin_memory" in str(w.message)]
+
+
+def test_a_lora_recipe_starts_from_the_same_adapter_every_time(workspace):
+    """The LoRA matrices are drawn before the Trainer seeds anything: the recipe's seed draws them."""
+    lora = {"preset": "all", "r": 4, "lora_alpha": 8}
+    starts = []
+    for seed in (0, 0, 1):
+        config = TrainConfig.from_yaml(write_config(workspace, "seeded", lora=lora, training={"seed": seed}))
+        model = build_trainer(config).model
+        starts.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n})
+    assert starts[0].keys() == starts[2].keys() and starts[0]
+    assert all(torch.equal(starts[0][n], starts[1][n]) for n in starts[0])
+    assert not all(torch.equal(starts[0][n], starts[2][n]) for n in starts[0])

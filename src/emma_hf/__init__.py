@@ -6,6 +6,7 @@ from .configuration_emma import EmmaConfig
 from .modeling_emma import EmmaContext, EmmaForConditionalGeneration, EmmaModel, EmmaPreTrainedModel
 from .pipeline_emma import EmmaPipeline, EmmaPipelineOutput
 from .processing_emma import EmmaImageProcessor, EmmaProcessor
+from .shipped import shipped_model_path
 
 
 AutoConfig.register(EmmaConfig.model_type, EmmaConfig, exist_ok=True)
@@ -30,4 +31,5 @@ __all__ = [
     "EmmaPipelineOutput",
     "EmmaPreTrainedModel",
     "EmmaProcessor",
+    "shipped_model_path",
 ]

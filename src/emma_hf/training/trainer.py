@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments
+from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .data import TASKS, EmmaCollator, JsonlDataset, TaskMixture
@@ -206,6 +206,8 @@ class TrainConfig:
 def build_trainer(config: TrainConfig) -> EmmaTrainer:
     """Everything `emma-hf train` sets up before `trainer.train()`."""
     stage = get_stage(config.stage)
+    # The Trainer seeds only once it is built; LoRA matrices and stage changes made before it are seeded here.
+    set_seed(config.training.get("seed", next(f.default for f in fields(TrainingArguments) if f.name == "seed")))
     model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(config.model)
     apply_stage(model, stage.name)

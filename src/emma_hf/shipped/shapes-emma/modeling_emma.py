@@ -775,6 +775,9 @@ class EmmaPreTrainedModel(PreTrainedModel):
 class EmmaModel(EmmaPreTrainedModel):
     """The EMMA backbone: both image encoders, the adapters and the shared-and-decoupled decoder, without heads."""
 
+    # Exported checkpoints hold the full model; the backbone leaves its heads out by design, not by accident.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^velocity_head\."]
+
     def __init__(self, config: EmmaConfig):
         super().__init__(config)
         hidden_size = config.text_config.hidden_size

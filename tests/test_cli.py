@@ -155,3 +155,8 @@ def test_lora_option_applies_an_adapter_and_an_adapter_is_no_model(exported_tiny
     with pytest.raises(SystemExit) as exit_info:
         main(["generate", "a red circle", "-o", str(tmp_path / "x.png"), "--lora", str(tmp_path / "missing")])
     assert exit_info.value.code == 2 and "no folder" in capsys.readouterr().err
+
+
+def test_chat_without_an_image_says_so(exported_tiny, capsys):
+    assert main(["chat", "what color is the circle?", "--max-new-tokens", "2", "--model", str(exported_tiny)]) == 0
+    assert "no --image given; the model answers from the question alone" in capsys.readouterr().err

@@ -95,6 +95,8 @@ def chat(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
     pipe = load_pipeline(args)
+    if not args.image:
+        print("emma-hf chat: no --image given; the model answers from the question alone", file=sys.stderr)
     content = [{"type": "image", "image": args.image}] if args.image else []
     messages = [{"role": "user", "content": [*content, {"type": "text", "text": args.question}]}]
     inputs = pipe.processor.apply_chat_template(

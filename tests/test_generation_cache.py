@@ -116,3 +116,14 @@ def test_no_cache_is_kept_where_the_trainer_or_checkpointing_turn_it_off():
     output = model(input_ids=input_ids, labels=input_ids)
     output.loss.backward()
     assert getattr(output, CACHE_NAME) is None
+
+
+def test_generation_continues_from_a_returned_cache():
+    """transformers' common contract: generating on from `generate()`'s own cache gives the one-go tokens."""
+    model = tiny_model(seed=2)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    settings = {"do_sample": False}
+    whole = model.generate(input_ids, max_new_tokens=6, **settings)
+    first = model.generate(input_ids, max_new_tokens=3, return_dict_in_generate=True, **settings)
+    rest = model.generate(first.sequences, max_new_tokens=3, **{CACHE_NAME: getattr(first, CACHE_NAME)}, **settings)
+    assert torch.equal(rest, whole)

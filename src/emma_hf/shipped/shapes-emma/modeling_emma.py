@@ -17,7 +17,6 @@ import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,12 +57,14 @@ CONTEXT_IMAGE_INPUTS = ("pixel_values", "vae_pixel_values", "image_grid_hw")
 CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 
-def pop_cache_argument(cache: Cache | None, kwargs: dict[str, Any]) -> Cache | None:
-    """The KV cache given as `cache`, or as `past_key_values` (the floor release's `generate()` passes that name)."""
-    legacy = kwargs.pop("past_key_values", None)
-    if legacy is not None and cache is not None:
+def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """
+    The KV cache given as `cache`, or as `past_key_values`: the name transformers < 5.24 passes, and which its
+    `generate()` accepts only from models whose `forward` declares it.
+    """
+    if past_key_values is not None and cache is not None:
         raise ValueError("pass the KV cache once, as `cache` (or `past_key_values` on transformers < 5.24), not both")
-    return legacy if cache is None else cache
+    return past_key_values if cache is None else cache
 
 
 def model_output(output_class: type) -> type:
@@ -570,9 +571,10 @@ class EmmaDecoderLayer(Qwen3DecoderLayer):
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         streams: TokenStreams | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        cache = pop_cache_argument(cache, kwargs)
+        cache = one_cache(cache, past_key_values)
         attention = self.self_attn
         residual = hidden_states
         hidden_states = self.part("input_layernorm", hidden_states, streams)
@@ -918,6 +920,7 @@ class EmmaModel(EmmaPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> EmmaModelOutputWithPast:
         r"""
@@ -931,7 +934,7 @@ class EmmaModel(EmmaPreTrainedModel):
             against `pixel_values`.
         cache: the KV cache to continue from (`past_key_values` is accepted too, as transformers < 5.24 names it).
         """
-        cache = pop_cache_argument(cache, kwargs)
+        cache = one_cache(cache, past_key_values)
         if output_attentions:
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
@@ -1141,6 +1144,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> EmmaCausalLMOutputWithPast:
         r"""
@@ -1152,7 +1156,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         noisy_latents: `x_t` given directly (with `timesteps`), to predict velocity without a loss.
         labels: next-token targets, -100 to ignore; positions whose label is an image placeholder are ignored too.
         """
-        cache = pop_cache_argument(cache, kwargs)
+        cache = one_cache(cache, past_key_values)
         if sum(x is not None for x in (target_pixel_values, target_latents, noisy_latents)) > 1:
             raise ValueError("pass only one of target_pixel_values, target_latents or noisy_latents")
         if labels is not None and input_ids is not None and labels.shape != input_ids.shape:

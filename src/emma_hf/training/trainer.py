@@ -207,7 +207,7 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
     """Everything `emma-hf train` sets up before `trainer.train()`."""
     stage = get_stage(config.stage)
     # The Trainer seeds only once it is built; LoRA matrices and stage changes made before it are seeded here.
-    set_seed(config.training.get("seed", next(f.default for f in fields(TrainingArguments) if f.name == "seed")))
+    set_seed(config.training.get("seed", TrainingArguments.seed))
     model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(config.model)
     apply_stage(model, stage.name)

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration
-from emma_hf.convert import export_checkpoint, qwen3_from_emma
+from emma_hf.convert import qwen3_from_emma
+from emma_hf.hub import export_checkpoint
 from emma_hf.pipeline_emma import apply_guidance
 from emma_hf.sizes import parameter_report
 from emma_hf.testing_utils import image_span, random_image, random_latent

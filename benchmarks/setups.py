@@ -7,7 +7,7 @@ import torch
 
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline, EmmaProcessor
 from emma_hf.configuration_emma import PRESETS
-from emma_hf.convert import sync_special_tokens
+from emma_hf.hub import sync_special_tokens
 from emma_hf.shapes.data import corpus
 from emma_hf.shapes.tokenizer import train_bpe_tokenizer
 

@@ -43,7 +43,7 @@ def tiny_processor(max_pixels: int = 96 * 96):
 
 def tiny_chat_model(seed: int = 0, **overrides):
     """A tiny model and processor whose token ids agree (written into the config as an export does)."""
-    from emma_hf.convert import sync_special_tokens
+    from emma_hf.hub import sync_special_tokens
 
     model, processor = tiny_model(seed=seed, **overrides), tiny_processor()
     sync_special_tokens(model, processor)

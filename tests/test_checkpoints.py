@@ -16,7 +16,7 @@ from builders import tiny_chat_model, tiny_model, write_toy_dataset
 from transformers.trainer_utils import get_last_checkpoint
 
 from emma_hf import EmmaForConditionalGeneration
-from emma_hf.convert import export_checkpoint
+from emma_hf.hub import export_checkpoint
 from emma_hf.training import TrainConfig, run_training
 
 

@@ -25,7 +25,7 @@ def test_params_for_a_preset_and_a_saved_config(tmp_path, capsys):
 def exported_tiny(tmp_path_factory):
     from builders import tiny_chat_model
 
-    from emma_hf.convert import export_checkpoint
+    from emma_hf.hub import export_checkpoint
 
     model, processor = tiny_chat_model(seed=21)
     return export_checkpoint(model, processor, tmp_path_factory.mktemp("cli") / "emma-tiny")

@@ -24,7 +24,8 @@ from transformers.cache_utils import DynamicCache
 import emma_hf
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline
 from emma_hf.cli import main
-from emma_hf.convert import build_emma_from_components, export_checkpoint, load_component_weights, read_safetensors
+from emma_hf.convert import build_emma_from_components, load_component_weights, read_safetensors
+from emma_hf.hub import export_checkpoint
 from emma_hf.training import JsonlDataset, TrainConfig
 
 

@@ -14,7 +14,7 @@ from transformers.testing_utils import CaptureLogger
 from transformers.utils import logging
 
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaModel, EmmaProcessor
-from emma_hf.convert import export_checkpoint, push_to_hub
+from emma_hf.hub import export_checkpoint, push_to_hub
 
 
 QUESTION = [
@@ -284,3 +284,18 @@ def test_the_backbone_loads_from_an_export_without_a_load_report(exported):
     with CaptureLogger(logging.get_logger("transformers.modeling_utils")) as captured:
         backbone = AutoModel.from_pretrained(exported["folder"])
     assert type(backbone) is EmmaModel and captured.out == ""
+
+
+def test_an_export_without_remote_code_loads_with_the_installed_package(exported, tmp_path):
+    folder = export_checkpoint(exported["model"], exported["processor"], tmp_path / "plain", remote_code=False)
+    assert not list(folder.rglob("*.py")) and not (folder / "model_index.json").exists()
+    assert not [path.name for path in folder.rglob("*.json") if '"auto_map"' in path.read_text()]
+    assert sorted(path.name for path in folder.glob("*.safetensors")) == ["model.safetensors"]
+    card = (folder / "README.md").read_text()
+    assert "custom_code" not in card and "trust_remote_code" not in card
+    # trust_remote_code=True finds no code to trust and uses the installed classes, as for any model transformers has.
+    model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert type(model) is EmmaForConditionalGeneration and type(processor) is EmmaProcessor
+    expected = chat_tokens(exported["model"], exported["processor"], exported["image"])
+    assert chat_tokens(model, processor, exported["image"]) == expected

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
-from diffusers import DiffusionPipeline
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 import emma_hf.pipeline_emma as pipeline_module
-from emma_hf.convert import export_checkpoint
+from emma_hf.hub import export_checkpoint
 from emma_hf.pipeline_emma import EmmaPipeline
 
 
@@ -305,3 +305,17 @@ def test_sources_of_different_sizes_need_an_explicit_size(pipe):
         pipe(["a", "b"], image=sources, num_inference_steps=1)
     images = pipe(["a", "b"], image=sources, num_inference_steps=1, height=64, width=64, output_type="pt").images
     assert images.shape == (2, 3, 64, 64)
+
+
+def test_save_pretrained_keeps_the_pipelines_own_scheduler(pipe, tmp_path):
+    swapped = EmmaPipeline.from_model(
+        pipe.model,
+        pipe.processor,
+        FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=2.5, use_dynamic_shifting=False),
+    )
+    swapped.save_pretrained(tmp_path / "saved")
+    for loaded in (
+        EmmaPipeline.from_pretrained(tmp_path / "saved"),
+        DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True),
+    ):
+        assert loaded.scheduler.config.shift == 2.5 and not loaded.scheduler.config.use_dynamic_shifting

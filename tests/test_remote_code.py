@@ -8,10 +8,8 @@ user has, so CI runs this on the newest releases and on the floors alike.
 import hashlib
 import json
 import random
-import shutil
 import textwrap
 
-import pytest
 import torch
 import transformers
 from builders import run_python_without_emma_hf
@@ -88,13 +86,9 @@ def expected_results(folder, image) -> dict:
     }
 
 
-@pytest.mark.parametrize("source", ["shipped", "exported"])
-def test_chat_drawing_and_editing_through_remote_code_without_emma_hf(source, tmp_path):
+def test_chat_drawing_and_editing_through_remote_code_without_emma_hf(tmp_path):
     folder = tmp_path / "shapes-emma"
-    if source == "shipped":
-        shutil.copytree(shipped_model_path(), folder)
-    else:
-        EmmaPipeline.from_pretrained(str(shipped_model_path())).save_pretrained(folder)
+    EmmaPipeline.from_pretrained(str(shipped_model_path())).save_pretrained(folder)
     image = render(random_scene(random.Random(3), canvas=96))
     image_path = tmp_path / "scene.png"
     image.save(image_path)

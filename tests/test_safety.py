@@ -13,8 +13,7 @@ from builders import tiny_chat_model, tiny_model
 
 import emma_hf
 from emma_hf import EmmaForConditionalGeneration
-from emma_hf.convert import export_checkpoint
-from emma_hf.shipped import shipped_model_path
+from emma_hf.hub import export_checkpoint
 
 
 PACKAGE = Path(emma_hf.__file__).parent
@@ -62,9 +61,8 @@ def python_files(folder: Path) -> dict[str, set[str]]:
     }
 
 
-@pytest.mark.parametrize("source", ["export", "shipped"])
-def test_an_exported_checkpoint_runs_only_emmas_four_code_files(source: str, tmp_path: Path):
-    folder = export_checkpoint(*tiny_chat_model(), tmp_path / "emma") if source == "export" else shipped_model_path()
+def test_an_exported_checkpoint_runs_only_emmas_four_code_files(tmp_path: Path):
+    folder = export_checkpoint(*tiny_chat_model(), tmp_path / "emma")
     assert python_files(folder) == {
         ".": REMOTE_CODE,
         "model": {"modeling_emma.py"},

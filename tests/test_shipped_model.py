@@ -45,14 +45,22 @@ def test_shipped_model_loads_with_auto_classes():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
-def test_shipped_code_and_card_are_current():
-    """The shipped folder's remote code is the package's (re-run the recipe's `ship` step after changing it)."""
+def test_shipped_model_holds_no_code_and_its_card_is_current():
+    """The installed package provides the code: no copies to go stale. Exports write the code of the day."""
     folder = shipped_model_path()
-    package = Path(emma_hf.__file__).parent
-    for name in ("configuration_emma.py", "modeling_emma.py", "processing_emma.py", "pipeline_emma.py"):
-        assert (folder / name).read_text() == (package / name).read_text(), f"{name} is stale"
+    assert not list(folder.rglob("*.py"))
+    assert not [path.name for path in folder.rglob("*.json") if '"auto_map"' in path.read_text()]
     card = (folder / "README.md").read_text()
     assert all(text in card for text in SHIPPED_CARD.values()) and "Not stated" not in card
+    assert "trust_remote_code" not in card and "import emma_hf" in card
+
+
+def test_an_export_of_the_shipped_model_carries_the_package_code(tmp_path):
+    EmmaPipeline.from_pretrained(str(shipped_model_path())).save_pretrained(tmp_path)
+    package = Path(emma_hf.__file__).parent
+    for name in ("configuration_emma.py", "modeling_emma.py", "processing_emma.py", "pipeline_emma.py"):
+        assert (tmp_path / name).read_text() == (package / name).read_text(), name
+    assert "trust_remote_code=True" in (tmp_path / "README.md").read_text()
 
 
 def test_shipped_model_keeps_its_measured_scores(shipped_pipeline):

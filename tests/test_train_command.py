@@ -14,7 +14,7 @@ from builders import run_python_without_emma_hf, tiny_chat_model, write_toy_data
 from safetensors.torch import load_file
 
 from emma_hf.cli import main
-from emma_hf.convert import export_checkpoint
+from emma_hf.hub import export_checkpoint
 from emma_hf.training import TrainConfig, build_trainer
 
 

@@ -25,7 +25,8 @@ def params(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Build EMMA from Qwen3 + SigLIP2 + DC-AE checkpoints and write it as an exported checkpoint."""
-    from .convert import build_emma_from_components, export_checkpoint
+    from .convert import build_emma_from_components
+    from .hub import export_checkpoint
     from .processing_emma import EmmaImageProcessor
 
     overrides = {}

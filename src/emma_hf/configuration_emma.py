@@ -354,6 +354,18 @@ class EmmaConfig(PreTrainedConfig):
             raise ValueError(f"height and width must be positive multiples of {grid}, got {height}x{width}")
         return (height // grid) * (width // grid)
 
+    def flow_scheduler_config(self) -> dict:
+        """Settings of diffusers' `FlowMatchEulerDiscreteScheduler` that draw with the shift the model trained with."""
+        return {
+            "num_train_timesteps": 1000,
+            "shift": self.flow_shift,
+            "use_dynamic_shifting": self.flow_use_dynamic_shifting,
+            "base_shift": self.flow_base_shift,
+            "max_shift": self.flow_max_shift,
+            "base_image_seq_len": self.flow_base_image_seq_len,
+            "max_image_seq_len": self.flow_max_image_seq_len,
+        }
+
     def flow_shift_for(self, image_seq_len: int) -> float:
         """Timestep shift for an image of `image_seq_len` tokens: `exp(mu)` with diffusers' linear `mu`, or `flow_shift`."""
         if not self.flow_use_dynamic_shifting:

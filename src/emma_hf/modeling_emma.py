@@ -248,7 +248,7 @@ def check_token_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
         raise ValueError(
             f"input_ids must be token ids in [0, {num_embeddings}) (rows of the embedding table), got ids in "
             f"[{low}, {high}]; a tokenizer with tokens the model lacks needs "
-            "emma_hf.convert.sync_special_tokens(model, processor), which grows the embeddings"
+            "emma_hf.hub.sync_special_tokens(model, processor), which grows the embeddings"
         )
 
 

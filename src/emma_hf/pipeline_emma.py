@@ -38,19 +38,6 @@ class EmmaPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-def scheduler_from_model_config(config) -> FlowMatchEulerDiscreteScheduler:
-    """The flow-matching Euler scheduler with the shift settings the model was trained with."""
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=config.flow_shift,
-        use_dynamic_shifting=config.flow_use_dynamic_shifting,
-        base_shift=config.flow_base_shift,
-        max_shift=config.flow_max_shift,
-        base_image_seq_len=config.flow_base_image_seq_len,
-        max_image_seq_len=config.flow_max_image_seq_len,
-    )
-
-
 def apply_guidance(
     full: torch.Tensor,
     no_text: torch.Tensor | None,
@@ -90,7 +77,7 @@ def check_components(model, processor) -> None:
         raise ValueError(
             "the processor's tokenizer and the model config give EMMA's special tokens different ids "
             f"(field: (tokenizer id, config id)) {disagreeing}; load both from one exported checkpoint, or call "
-            "emma_hf.convert.sync_special_tokens(model, processor) first"
+            "emma_hf.hub.sync_special_tokens(model, processor) first"
         )
 
 
@@ -125,20 +112,23 @@ class EmmaPipeline(DiffusionPipeline):
     @classmethod
     def from_model(cls, model, processor, scheduler: FlowMatchEulerDiscreteScheduler | None = None) -> "EmmaPipeline":
         """A pipeline around an existing model and processor: parameters are shared, not copied."""
-        return cls(model=model, processor=processor, scheduler=scheduler or scheduler_from_model_config(model.config))
+        scheduler = scheduler or FlowMatchEulerDiscreteScheduler(**model.config.flow_scheduler_config())
+        return cls(model=model, processor=processor, scheduler=scheduler)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "EmmaPipeline":
         """
         Load an exported EMMA folder or Hub id. With `trust_remote_code=True` this is diffusers' loader (the
-        checkpoint's own code); otherwise the components load through the transformers Auto classes, which needs
-        `emma_hf` installed. Keyword arguments go to every component (e.g. `revision`, `cache_dir`) and to the model
-        (e.g. `dtype`, `device_map`).
+        checkpoint's own code); otherwise, or for a local folder without code (no `model_index.json`, such as the
+        shipped model), the components load through the transformers Auto classes, which needs `emma_hf` installed.
+        Keyword arguments go to every component (e.g. `revision`, `cache_dir`) and to the model (e.g. `dtype`,
+        `device_map`).
         """
         source = os.fspath(pretrained_model_name_or_path)
         if (os.path.isabs(source) or source.startswith(".") or source.count("/") > 1) and not os.path.isdir(source):
             raise OSError(f"no folder {source!r}; pass an exported EMMA folder or a Hub model id ('namespace/name')")
-        if kwargs.pop("trust_remote_code", False):
+        without_code = os.path.isdir(source) and not os.path.isfile(os.path.join(source, "model_index.json"))
+        if kwargs.pop("trust_remote_code", False) and not without_code:
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -153,16 +143,16 @@ class EmmaPipeline(DiffusionPipeline):
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """
         Write the exported layout that `AutoModel`, `AutoProcessor` and this pipeline all read, with one copy of
-        the weights (`emma_hf.convert.export_checkpoint`; needs `emma_hf` installed).
+        the weights and this pipeline's scheduler (`emma_hf.hub.export_checkpoint`; needs `emma_hf` installed).
         """
         try:
             # Imported by name: remote-code loaders scan import statements and would warn where emma_hf is missing.
-            convert = importlib.import_module("emma_hf.convert")
+            hub = importlib.import_module("emma_hf.hub")
         except ImportError as error:
             raise ImportError(
                 "EmmaPipeline.save_pretrained writes EMMA's export layout: `pip install emma_hf`"
             ) from error
-        convert.export_checkpoint(self.model, self.processor, save_directory, **kwargs)
+        hub.export_checkpoint(self.model, self.processor, save_directory, scheduler=self.scheduler, **kwargs)
 
     @property
     def guidance_scale(self) -> float:

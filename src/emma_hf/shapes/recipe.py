@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderDC
 
 from ..configuration_emma import EmmaConfig
-from ..convert import export_checkpoint
+from ..hub import export_checkpoint
 from ..modeling_emma import EmmaForConditionalGeneration
 from ..processing_emma import EmmaImageProcessor, EmmaProcessor
 from .autoencoder import train_autoencoder
@@ -106,7 +106,10 @@ def initial_model(autoencoder_path: str | Path, seed: int = 0) -> tuple[EmmaForC
 
 
 def ship(checkpoint: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
-    """Copy a trained checkpoint into the package, every weight in bf16 to fit the package's size budget."""
+    """
+    Copy a trained checkpoint into the package, every weight in bf16 to fit the package's size budget, without
+    remote code: the installed package loads it, and exports of it carry the code of the day.
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
@@ -114,7 +117,15 @@ def ship(checkpoint: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
     model = model.to(torch.bfloat16)
     if destination.exists():
         shutil.rmtree(destination)
-    export_checkpoint(model, processor, destination, model_name="shapes-emma", license="apache-2.0", **SHIPPED_CARD)
+    export_checkpoint(
+        model,
+        processor,
+        destination,
+        remote_code=False,
+        model_name="shapes-emma",
+        license="apache-2.0",
+        **SHIPPED_CARD,
+    )
     return destination
 
 

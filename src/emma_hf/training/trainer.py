@@ -257,7 +257,7 @@ def run_training(config: TrainConfig) -> EmmaTrainer:
         if config.lora is not None:
             model.save_pretrained(final)
         else:
-            from ..convert import export_checkpoint
+            from ..hub import export_checkpoint
 
             export_checkpoint(model, trainer.processing_class, final)
     return trainer

@@ -1,7 +1,8 @@
-"""`emma-hf params` prints the component sizes of a preset or a saved config."""
+"""The `emma-hf` commands: what they print and write, their options, and how they explain what they cannot do."""
 
 import argparse
 import json
+import random
 
 import numpy as np
 import PIL.Image
@@ -9,6 +10,7 @@ import pytest
 
 from emma_hf.cli import main
 from emma_hf.configuration_emma import EmmaConfig
+from emma_hf.shapes import random_scene, render
 
 
 def test_params_for_a_preset_and_a_saved_config(tmp_path, capsys):
@@ -160,3 +162,28 @@ def test_lora_option_applies_an_adapter_and_an_adapter_is_no_model(exported_tiny
 def test_chat_without_an_image_says_so(exported_tiny, capsys):
     assert main(["chat", "what color is the circle?", "--max-new-tokens", "2", "--model", str(exported_tiny)]) == 0
     assert "no --image given; the model answers from the question alone" in capsys.readouterr().err
+
+
+def test_the_shipped_model_reads_any_case_and_explains_what_it_cannot_answer(tmp_path, capsys):
+    scene = tmp_path / "scene.png"
+    render(random_scene(random.Random(5), canvas=96)).save(scene)
+    answers = []
+    for question in ("how many circles are there?", "How many circles are there"):
+        assert main(["chat", "--image", str(scene), question]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] == "two\n"
+
+    for command in (["generate", "a cat", "-o", str(tmp_path / "x.png")], ["chat", "--image", str(scene), "Who?"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command)
+        captured = capsys.readouterr()
+        assert exit_info.value.code == 1 and captured.out == "" and not (tmp_path / "x.png").exists()
+        assert (
+            "outside the words this checkpoint was trained on" in captured.err and "it knows: a above" in captured.err
+        )
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--image", str(scene), "is the circle red?"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 1 and captured.out == ""  # no empty line for an empty answer
+    assert "without an answer to 'is the circle red?'" in captured.err

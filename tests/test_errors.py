@@ -6,6 +6,7 @@ never from deep inside torch or a file decoder. `pytest -k errors` runs them.
 
 import functools
 import json
+import random
 import re
 import traceback
 from collections.abc import Callable
@@ -22,10 +23,11 @@ from transformers import LlamaConfig
 from transformers.cache_utils import DynamicCache
 
 import emma_hf
-from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline
+from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline, EmmaProcessor
 from emma_hf.cli import main
 from emma_hf.convert import build_emma_from_components, load_component_weights, read_safetensors
 from emma_hf.hub import export_checkpoint
+from emma_hf.shapes import random_scene, render
 from emma_hf.training import JsonlDataset, TrainConfig
 
 
@@ -174,6 +176,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "processor-placeholder-count": lambda tmp: tiny_processor()(
         text="<|image_pad|> What is it?", images=[noise_image(32, 32, 0)] * 2
     ),
+    "processor-known-words": lambda tmp: EmmaProcessor(
+        EmmaImageProcessor(), tiny_processor().tokenizer, known_words="red blue"
+    ),
     # Model forward
     "forward-ids-and-embeds": lambda tmp: model()(input_ids=image_ids(0), inputs_embeds=torch.zeros(1, 2, 64)),
     "forward-id-outside-vocab": lambda tmp: model()(input_ids=torch.tensor([[1, 999]])),
@@ -307,7 +312,14 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "cli-lora-missing": lambda tmp: main(["chat", "hello", "--lora", str(tmp / "missing")]),
     "cli-adapter-as-model": lambda tmp: main(["chat", "hello", "--model", str(adapter_folder(tmp))]),
     "cli-bad-train-config": lambda tmp: main(["train", str(train_config(tmp, stage="finetune"))]),
+    "cli-unknown-words": lambda tmp: main(["chat", "What is this?"]),
+    "cli-empty-answer": lambda tmp: main(["chat", "--image", str(scene_file(tmp)), "is the circle red?"]),
 }
+
+
+def scene_file(folder: Path) -> Path:
+    render(random_scene(random.Random(5), canvas=96)).save(folder / "scene.png")
+    return folder / "scene.png"
 
 
 def llama_folder(folder: Path) -> Path:

@@ -1,5 +1,7 @@
 """EmmaImageProcessor (sizes, modes, input kinds, errors) and EmmaProcessor (tokens, chat template, padding)."""
 
+import warnings
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,7 +9,7 @@ import torch
 from builders import noise_image, tiny_processor, tiny_tokenizer
 
 from emma_hf import EmmaImageProcessor, EmmaProcessor
-from emma_hf.processing_emma import EMMA_SPECIAL_TOKENS, fit_to_token_grid
+from emma_hf.processing_emma import EMMA_SPECIAL_TOKENS, UnknownWordsWarning, fit_to_token_grid
 
 
 @pytest.mark.parametrize(
@@ -224,3 +226,24 @@ def test_post_processing_decodes_without_special_tokens():
     ids = processor.tokenizer(["<|im_start|>The square is red.<|im_end|>"], return_tensors="pt")["input_ids"]
     assert processor.post_process_image_text_to_text(ids) == ["The square is red."]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["The square is red."]
+
+
+def test_known_words_warn_about_other_words_and_survive_saving(tmp_path):
+    processor = EmmaProcessor(
+        EmmaImageProcessor(), tiny_tokenizer(), known_words=["what", "Color", "is", "the", "circle"]
+    )
+    assert processor.known_words == ["circle", "color", "is", "the", "what"]
+    assert processor.unknown_words("What colour is THE circle, and the cat's colour?") == ["colour", "and", "cat", "s"]
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the dog?"}]}]
+    with pytest.warns(UnknownWordsWarning, match=r"'colour', 'dog' are outside the words .* it knows: circle color"):
+        processor.apply_chat_template(chat, add_generation_prompt=True)
+    with pytest.warns(UnknownWordsWarning, match="'a', 'cat'"):
+        processor.generation_prompt("a cat")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        processor.apply_chat_template([[{"role": "user", "content": "What color is the circle?"}]])
+        tiny_processor().apply_chat_template(chat)  # no known_words: any text
+
+    processor.save_pretrained(tmp_path)
+    assert EmmaProcessor.from_pretrained(tmp_path).known_words == processor.known_words
+    assert EmmaProcessor.from_pretrained(tmp_path, known_words=None).known_words is None

@@ -11,9 +11,12 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import emma_hf
+from emma_hf import EmmaProcessor
 from emma_hf.pipeline_emma import EmmaPipeline
+from emma_hf.shapes.data import corpus, sentences, vocabulary
 from emma_hf.shapes.evaluate import evaluate
 from emma_hf.shapes.recipe import SHIPPED_CARD
+from emma_hf.shapes.tokenizer import train_bpe_tokenizer
 from emma_hf.shipped import shipped_model_path
 
 
@@ -67,3 +70,20 @@ def test_shipped_model_keeps_its_measured_scores(shipped_pipeline):
     scores = evaluate(shipped_pipeline, **SAMPLE)
     for task, bound in LOWER_BOUNDS.items():
         assert scores[task].overall >= bound, (task, scores[task].rows())
+
+
+def test_the_shipped_model_reads_any_case_and_knows_the_worlds_words():
+    processor = AutoProcessor.from_pretrained(shipped_model_path())
+    tokenizer = processor.tokenizer
+    assert tokenizer("Describe The IMAGE.")["input_ids"] == tokenizer("describe the image.")["input_ids"]
+    assert processor.known_words == vocabulary(0)
+    assert not [text for text in sentences(seed=99, size=300) if processor.unknown_words(text)]
+
+
+def test_the_recipe_rebuilds_the_shipped_tokenizer():
+    shipped = AutoProcessor.from_pretrained(shipped_model_path())
+    rebuilt = EmmaProcessor(shipped.image_processor, train_bpe_tokenizer(corpus(0), vocab_size=400))
+    assert rebuilt.tokenizer.get_vocab() == shipped.tokenizer.get_vocab()
+    assert rebuilt.emma_token_ids == shipped.emma_token_ids
+    for text in ["Where is the RED square?", shipped.generation_prompt("A blue circle", with_image=True)]:
+        assert rebuilt.tokenizer(text)["input_ids"] == shipped.tokenizer(text)["input_ids"]

@@ -8,9 +8,11 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 import torch
+from transformers import TextStreamer
 
 from .configuration_emma import PRESETS, EmmaConfig
 from .modeling_emma import EmmaForConditionalGeneration
+from .processing_emma import EmmaProcessor
 from .sizes import parameter_report
 
 
@@ -74,9 +76,17 @@ def generation_settings(args: argparse.Namespace) -> dict:
     }
 
 
+def require_known_words(processor: EmmaProcessor, text: str) -> None:
+    """Stop before any work when `text` uses words a closed-vocabulary model (the shipped one) never learnt."""
+    unknown = processor.unknown_words(text)
+    if unknown:
+        raise ValueError(processor.unknown_words_message(unknown))
+
+
 def generate(args: argparse.Namespace) -> None:
     """Draw PROMPT into FILE."""
     pipe = load_pipeline(args)
+    require_known_words(pipe.processor, args.prompt)
     image = pipe(args.prompt, height=args.height, width=args.width, **generation_settings(args)).images[0]
     image.save(args.output)
     print(f"wrote {args.output}")
@@ -85,17 +95,28 @@ def generate(args: argparse.Namespace) -> None:
 def edit(args: argparse.Namespace) -> None:
     """Apply INSTRUCTION to IMAGE, into FILE."""
     pipe = load_pipeline(args)
+    require_known_words(pipe.processor, args.instruction)
     settings = generation_settings(args)
     image = pipe(args.instruction, image=args.image, image_guidance_scale=args.image_guidance, **settings).images[0]
     image.save(args.output)
     print(f"wrote {args.output}")
 
 
+class AnswerStreamer(TextStreamer):
+    """Prints the answer as it is written, and a line end only after an answer: an empty one leaves stdout empty."""
+
+    wrote_text = False
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.wrote_text = self.wrote_text or bool(text)
+        if text or (stream_end and self.wrote_text):
+            super().on_finalized_text(text, stream_end=stream_end)
+
+
 def chat(args: argparse.Namespace) -> None:
     """Answer QUESTION about --image, streaming the answer."""
-    from transformers import TextStreamer
-
     pipe = load_pipeline(args)
+    require_known_words(pipe.processor, args.question)
     if not args.image:
         print("emma-hf chat: no --image given; the model answers from the question alone", file=sys.stderr)
     content = [{"type": "image", "image": args.image}] if args.image else []
@@ -103,8 +124,12 @@ def chat(args: argparse.Namespace) -> None:
     inputs = pipe.processor.apply_chat_template(
         messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
     )
-    streamer = TextStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    pipe.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    streamer = AnswerStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    output = pipe.model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+    answer = pipe.processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    if not answer.strip():
+        examples = "" if args.model else " (the shipped model answers e.g. 'how many circles are there?')"
+        raise ValueError(f"the model ended its turn without an answer to {args.question!r}; rephrase it{examples}")
 
 
 def evaluate_shapes(args: argparse.Namespace) -> None:

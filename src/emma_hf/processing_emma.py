@@ -7,7 +7,9 @@ image placeholder to that many tokens inside a Qwen3 chat.
 
 import math
 import os
+import re
 import urllib.request
+import warnings
 from collections.abc import Sequence
 from io import BytesIO
 
@@ -63,6 +65,34 @@ CHAT_TEMPLATE = (
 )
 
 VALID_IMAGE_TYPES = "a PIL image, a numpy array, a torch tensor, a file path or an http(s) URL"
+# Words as `EmmaProcessor.known_words` counts them: runs of letters and digits, lower-cased.
+WORD_PATTERN = re.compile(r"[^\W_]+")
+
+
+class UnknownWordsWarning(UserWarning):
+    """A chat or prompt uses words outside the closed vocabulary a checkpoint was trained on (`known_words`)."""
+
+
+def words_of(text: str) -> list[str]:
+    """The words of `text`, lower-cased, in order."""
+    return WORD_PATTERN.findall(text.lower())
+
+
+def message_texts(conversation) -> list[str]:
+    """Every text of a chat (a list of messages) or of a batch of chats, in order."""
+    if isinstance(conversation, dict) or (conversation and isinstance(conversation[0], dict)):
+        conversation = [conversation]
+    texts = []
+    for chat in conversation:
+        for message in [chat] if isinstance(chat, dict) else chat:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts += [
+                    item["text"] for item in content if isinstance(item, dict) and isinstance(item.get("text"), str)
+                ]
+    return texts
 
 
 def fit_to_token_grid(height: int, width: int, patch_size: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -338,7 +368,20 @@ class EmmaProcessor(ProcessorMixin):
     skip_tensor_conversion = ["pixel_values", "vae_pixel_values"]
     text_kwargs = {"padding": True, "padding_side": "left"}
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template: str | None = None, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        known_words: list[str] | None = None,
+        **kwargs,
+    ):
+        if known_words is not None and (
+            isinstance(known_words, str) or not all(isinstance(word, str) and word for word in known_words)
+        ):
+            raise TypeError(f"known_words must be a list of non-empty strings or None, got {known_words!r}")
+        # The words a closed-vocabulary checkpoint (the shipped shapes model) was trained on; None: any text.
+        self.known_words = None if known_words is None else sorted({word.lower() for word in known_words})
         registered = tokenizer.get_added_vocab()
         missing = [token for token in (*CHAT_TOKENS, *EMMA_SPECIAL_TOKENS.values()) if token not in registered]
         if missing:
@@ -356,6 +399,28 @@ class EmmaProcessor(ProcessorMixin):
     def end_of_turn_token_id(self) -> int:
         """`<|im_end|>`: where an assistant turn, hence chat generation, stops."""
         return self.tokenizer.convert_tokens_to_ids(CHAT_TOKENS[1])
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` outside `known_words`, each once, in order (none when `known_words` is None)."""
+        if self.known_words is None:
+            return []
+        known = set(self.known_words)
+        return list(dict.fromkeys(word for word in words_of(text) if word not in known))
+
+    def unknown_words_message(self, unknown: list[str]) -> str:
+        """What to tell a user whose text holds `unknown` words."""
+        listed = ", ".join(repr(word) for word in unknown)
+        return (
+            f"{listed} {'is' if len(unknown) == 1 else 'are'} outside the words this checkpoint was trained on, so "
+            f"it may answer nothing or draw something else; it knows: {' '.join(self.known_words)}"
+        )
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """transformers' chat templating, warning ([`UnknownWordsWarning`]) about words outside `known_words`."""
+        unknown = self.unknown_words(" ".join(message_texts(conversation)))
+        if unknown:
+            warnings.warn(self.unknown_words_message(unknown), UnknownWordsWarning, stacklevel=2)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def generation_prompt(self, prompt: str, with_image: bool = False) -> str:
         """
@@ -404,4 +469,4 @@ class EmmaProcessor(ProcessorMixin):
 
 AutoImageProcessor.register(EmmaConfig, slow_image_processor_class=EmmaImageProcessor, exist_ok=True)
 
-__all__ = ["EmmaImageProcessor", "EmmaProcessor"]
+__all__ = ["EmmaImageProcessor", "EmmaProcessor", "UnknownWordsWarning"]

@@ -5,6 +5,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from ..processing_emma import words_of
 from .world import (
     EDIT_TYPES,
     PROMPT_CATEGORIES,
@@ -104,11 +105,20 @@ def write_training_data(
     return paths
 
 
-def corpus(seed: int = 0, size: int = 3000) -> list[str]:
-    """Every kind of sentence of the world, for training its tokenizer."""
+def sentences(seed: int = 0, size: int = 3000) -> list[str]:
+    """Every kind of sentence of the world: questions, answers, prompts and edit instructions."""
     texts = []
     for _, question in question_set(seed, size):
         texts += [question.text, question.answer]
     texts += [prompt.text for prompt in prompt_set(seed, size)]
-    texts += [edit.instruction for edit in edit_set(seed, size)]
-    return texts + ["user", "assistant", "system"]
+    return texts + [edit.instruction for edit in edit_set(seed, size)]
+
+
+def corpus(seed: int = 0, size: int = 3000) -> list[str]:
+    """The world's sentences and the chat roles, for training its tokenizer."""
+    return sentences(seed, size) + ["user", "assistant", "system"]
+
+
+def vocabulary(seed: int = 0, size: int = 3000) -> list[str]:
+    """The words the world's sentences use: what the shapes model can understand (`EmmaProcessor.known_words`)."""
+    return sorted({word for text in sentences(seed, size) for word in words_of(text)})

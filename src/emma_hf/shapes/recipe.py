@@ -21,7 +21,7 @@ from ..hub import export_checkpoint
 from ..modeling_emma import EmmaForConditionalGeneration
 from ..processing_emma import EmmaImageProcessor, EmmaProcessor
 from .autoencoder import train_autoencoder
-from .data import corpus, write_training_data
+from .data import corpus, vocabulary, write_training_data
 from .tokenizer import train_bpe_tokenizer
 
 
@@ -83,7 +83,9 @@ NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS = 6000, 3000, 3000
 def initial_model(autoencoder_path: str | Path, seed: int = 0) -> tuple[EmmaForConditionalGeneration, EmmaProcessor]:
     """A randomly initialised shapes EMMA around the trained DC-AE, with the world's tokenizer."""
     tokenizer = train_bpe_tokenizer(corpus(seed), vocab_size=400)
-    processor = EmmaProcessor(EmmaImageProcessor(size={"height": CANVAS, "width": CANVAS}), tokenizer)
+    processor = EmmaProcessor(
+        EmmaImageProcessor(size={"height": CANVAS, "width": CANVAS}), tokenizer, known_words=vocabulary(seed)
+    )
     autoencoder = AutoencoderDC.from_pretrained(autoencoder_path)
     vae_config = {key: value for key, value in autoencoder.config.items() if not key.startswith("_")}
     torch.manual_seed(seed)

@@ -1,16 +1,19 @@
-"""A byte-level BPE tokenizer trained on a small corpus, as Qwen3's tokenizer class, with chat tokens."""
+"""
+A byte-level BPE tokenizer trained on a small corpus, with Qwen3's pre-tokenizer and chat tokens. The shapes world
+writes lower case only, so the tokenizer lower-cases what users type, as uncased tokenizers do.
+"""
 
 import json
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import Qwen2Tokenizer
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+from transformers import Qwen2Tokenizer, TokenizersBackend
 
 
 CHAT_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen2Tokenizer:
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> TokenizersBackend:
     """BPE with the byte alphabet (so any text encodes), trained on `texts`; EMMA's tokens come with the processor."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -23,6 +26,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int) -> Qwen2Tokenizer
     bpe.train_from_iterator(texts, trainer)
     state = json.loads(bpe.to_str())["model"]
     merges = [tuple(merge.split(" ")) if isinstance(merge, str) else tuple(merge) for merge in state["merges"]]
-    return Qwen2Tokenizer(
-        vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
+    special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    # Qwen2Tokenizer builds Qwen3's pre-tokenizer and decoder around the trained vocabulary; its class rebuilds a
+    # fixed normaliser on load, so the lower-casing one travels in a plain `tokenizer.json` (TokenizersBackend).
+    backend = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, **special).backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    return TokenizersBackend(tokenizer_object=backend, **special)

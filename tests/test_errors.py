@@ -299,6 +299,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
     "export-model-type": lambda tmp: export_checkpoint(torch.nn.Linear(2, 2), tiny_processor(), tmp / "out"),
     "export-card-field": lambda tmp: export_checkpoint(*tiny_chat_model(), tmp / "out", licence="mit"),
+    "export-other-layout": lambda tmp: export_checkpoint(
+        *tiny_chat_model(), export_checkpoint(*tiny_chat_model(), tmp / "plain", remote_code=False)
+    ),
     "export-into-file": lambda tmp: export_checkpoint(*tiny_chat_model(), write_text(tmp / "file", "")),
     # CLI
     "cli-steps": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--steps", "0"]),

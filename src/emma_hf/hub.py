@@ -173,9 +173,21 @@ def export_checkpoint(
     save_directory = Path(save_directory)
     if save_directory.is_file():
         raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
+    # The two layouts keep weights in different places: mixed, loaders would read the stale ones.
+    other_layout = (
+        sorted(path.name for path in save_directory.glob("*.safetensors"))
+        if remote_code
+        else [name for name in (MODEL_SUBFOLDER, "model_index.json") if (save_directory / name).exists()]
+    )
+    if other_layout:
+        raise ValueError(
+            f"save_directory {str(save_directory)!r} holds {other_layout} from a save in the other layout "
+            f"(remote_code={not remote_code}); export into an empty folder, or remove them first"
+        )
     sync_special_tokens(model, processor)
     card = model_card(model, repo_id or save_directory.name, remote_code=remote_code, **card_fields)
-    scheduler = scheduler or FlowMatchEulerDiscreteScheduler(**model.config.flow_scheduler_config())
+    if scheduler is None:
+        scheduler = FlowMatchEulerDiscreteScheduler(**model.config.flow_scheduler_config())
     save_directory.mkdir(parents=True, exist_ok=True)
     if remote_code:
         write_model_files(model, save_directory, max_shard_size)

@@ -82,7 +82,7 @@ def test_the_shipped_model_reads_any_case_and_knows_the_worlds_words():
 
 def test_the_recipe_rebuilds_the_shipped_tokenizer():
     shipped = AutoProcessor.from_pretrained(shipped_model_path())
-    rebuilt = EmmaProcessor(shipped.image_processor, train_bpe_tokenizer(corpus(0), vocab_size=400))
+    rebuilt = EmmaProcessor(shipped.image_processor, train_bpe_tokenizer(corpus(0), vocab_size=400, lowercase=True))
     assert rebuilt.tokenizer.get_vocab() == shipped.tokenizer.get_vocab()
     assert rebuilt.emma_token_ids == shipped.emma_token_ids
     for text in ["Where is the RED square?", shipped.generation_prompt("A blue circle", with_image=True)]:

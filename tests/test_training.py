@@ -1,12 +1,14 @@
 """Training: data formats and collator, stage presets, LoRA presets, the Trainer recipe, resuming."""
 
 import json
+import warnings
 
 import pytest
 import torch
-from builders import tiny_chat_model, write_toy_dataset
+from builders import noise_image, tiny_chat_model, write_toy_dataset
 from peft import PeftModel, get_peft_model
 
+from emma_hf.processing_emma import UnknownWordsWarning
 from emma_hf.training import (
     STAGES,
     DataError,
@@ -191,3 +193,16 @@ def test_named_adapters_switch(toy):
     assert not torch.equal(outputs["edits"].logits, outputs["chat"].logits)
     with pytest.raises(ValueError, match="unknown LoRA preset"):
         lora_target_modules(model, "vision")
+
+
+def test_training_data_may_teach_a_closed_vocabulary_new_words(toy):
+    """The processor warns users about words outside `known_words`; training on new words is no reason to."""
+    model, processor = tiny_chat_model()
+    processor.known_words = ["the"]
+    samples = [{"task": "text_to_image", "prompt": "a cat", "target": noise_image(32, 32, 1), "index": 0}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = EmmaCollator(processor, model.config)(samples)
+    assert batch["target_pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.warns(UnknownWordsWarning, match="'a', 'cat'"):
+        processor.generation_prompt("a cat")

@@ -82,7 +82,7 @@ NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS = 6000, 3000, 3000
 
 def initial_model(autoencoder_path: str | Path, seed: int = 0) -> tuple[EmmaForConditionalGeneration, EmmaProcessor]:
     """A randomly initialised shapes EMMA around the trained DC-AE, with the world's tokenizer."""
-    tokenizer = train_bpe_tokenizer(corpus(seed), vocab_size=400)
+    tokenizer = train_bpe_tokenizer(corpus(seed), vocab_size=400, lowercase=True)
     processor = EmmaProcessor(
         EmmaImageProcessor(size={"height": CANVAS, "width": CANVAS}), tokenizer, known_words=vocabulary(seed)
     )

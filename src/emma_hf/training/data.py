@@ -15,6 +15,7 @@ Formats (one JSON object per line; image paths relative to the JSONL file):
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -33,6 +34,7 @@ from ..processing_emma import (
     VISION_END_TOKEN,
     VISION_START_TOKEN,
     EmmaProcessor,
+    UnknownWordsWarning,
 )
 
 
@@ -203,17 +205,15 @@ class EmmaCollator:
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         rows, context_images, targets, target_indices = [], [], [], []
-        for sample in samples:
-            if sample["task"] == "understanding":
-                segments = self.conversation_segments(sample["messages"])
-            else:
-                text = sample["prompt"] if sample["task"] == "text_to_image" else sample["instruction"]
-                segments = self.generation_segments(text, sample["task"] == "edit")
-            context_images += sample.get("images", [])
-            if "target" in sample:
-                targets.append(sample["target"])
-                target_indices.append(sample.get("index", 0))
-            rows.append(segments)
+        with warnings.catch_warnings():
+            # Training data may teach a closed-vocabulary checkpoint new words: nothing to warn about.
+            warnings.simplefilter("ignore", UnknownWordsWarning)
+            for sample in samples:
+                rows.append(self.sample_segments(sample))
+                context_images += sample.get("images", [])
+                if "target" in sample:
+                    targets.append(sample["target"])
+                    target_indices.append(sample.get("index", 0))
 
         batch = {}
         grids = []
@@ -239,6 +239,12 @@ class EmmaCollator:
         if targets and self.noise_seed is not None:
             batch["noise"], batch["timesteps"] = self.seeded_noise(target_grids, target_indices)
         return batch
+
+    def sample_segments(self, sample: dict) -> list[tuple[str, bool]]:
+        if sample["task"] == "understanding":
+            return self.conversation_segments(sample["messages"])
+        text = sample["prompt"] if sample["task"] == "text_to_image" else sample["instruction"]
+        return self.generation_segments(text, sample["task"] == "edit")
 
     def conversation_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The chat split into (text, is_label) pieces: the text of assistant turns is labelled, headers are not."""

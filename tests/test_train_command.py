@@ -65,6 +65,19 @@ def test_train_writes_checkpoints_and_an_export(workspace, capsys):
     vae_keys = [key for key in base if key.startswith("model.vae.")]
     assert all(torch.equal(base[key], final[key]) for key in vae_keys)
     assert not torch.equal(base["model.und_adapter.linear_1.weight"], final["model.und_adapter.linear_1.weight"])
+    card = (run / "final" / "README.md").read_text()
+    assert "stage `sft`, 6 steps of 3 samples per device" in card
+    assert "condition dropout: text 0.1, source image 0.2" in card  # the sft stage's defaults
+
+
+def test_condition_dropout_comes_from_the_stage_unless_the_recipe_sets_it(workspace):
+    stage_default = build_trainer(TrainConfig.from_yaml(write_config(workspace, "defaults")))
+    assert (stage_default.data_collator.text_dropout, stage_default.data_collator.image_dropout) == (0.1, 0.2)
+    assert stage_default.data_collator.dropout_seed == 0  # the run's seed
+    chosen = build_trainer(TrainConfig.from_yaml(write_config(workspace, "chosen", text_dropout=0, image_dropout=0.4)))
+    assert (chosen.data_collator.text_dropout, chosen.data_collator.image_dropout) == (0, 0.4)
+    with pytest.raises(ValueError, match=r"text_dropout must be a probability in \[0, 1\] or null, got 2"):
+        TrainConfig.from_yaml(write_config(workspace, "bad", text_dropout=2))
 
 
 def test_resumed_run_continues_with_the_same_optimiser_state(workspace):

@@ -8,6 +8,7 @@ import torch
 from builders import noise_image, tiny_chat_model, write_toy_dataset
 from peft import PeftModel, get_peft_model
 
+from emma_hf import EmmaPipeline
 from emma_hf.processing_emma import UnknownWordsWarning
 from emma_hf.training import (
     STAGES,
@@ -206,3 +207,65 @@ def test_training_data_may_teach_a_closed_vocabulary_new_words(toy):
     assert batch["target_pixel_values"].shape == (1, 3, 32, 32)
     with pytest.warns(UnknownWordsWarning, match="'a', 'cat'"):
         processor.generation_prompt("a cat")
+
+
+def edit_sample(index: int, instruction: str = "Make the square red.") -> dict:
+    return {
+        "task": "edit",
+        "instruction": instruction,
+        "images": [noise_image(64, 64, index)],
+        "target": noise_image(64, 64, index + 1),
+        "index": index,
+    }
+
+
+def test_condition_dropout_holds_its_rates_and_is_reproducible_by_seed():
+    model, processor = tiny_chat_model()
+    collator = EmmaCollator(processor, model.config, text_dropout=0.1, image_dropout=0.3, dropout_seed=5)
+    samples = [collator.with_condition_dropout(edit_sample(index)) for index in range(4000)]
+    no_text = sum(sample.get("instruction", sample.get("prompt")) == "" for sample in samples) / len(samples)
+    no_image = sum(sample["task"] == "text_to_image" for sample in samples) / len(samples)
+    assert abs(no_text - 0.1) < 0.015 and abs(no_image - 0.3) < 0.025  # about 3 standard errors
+    both = sum(sample["task"] == "text_to_image" and sample["prompt"] == "" for sample in samples) / len(samples)
+    assert abs(both - 0.03) < 0.01  # independent draws
+
+    again = [collator.with_condition_dropout(edit_sample(index)) for index in range(4000)]
+    assert [s["task"] for s in again] == [s["task"] for s in samples]
+    other_seed = EmmaCollator(processor, model.config, text_dropout=0.1, image_dropout=0.3, dropout_seed=6)
+    assert [other_seed.with_condition_dropout(edit_sample(i))["task"] for i in range(4000)] != [
+        s["task"] for s in samples
+    ]
+    understanding = {"task": "understanding", "messages": [], "images": [], "index": 3}
+    assert (
+        EmmaCollator(processor, model.config, text_dropout=1.0).with_condition_dropout(understanding) is understanding
+    )
+    with pytest.raises(ValueError, match=r"image_dropout must be a probability in \[0, 1\], got 1.5"):
+        EmmaCollator(processor, model.config, image_dropout=1.5)
+
+
+@pytest.mark.parametrize("dropped", ["text", "image"])
+def test_a_dropped_condition_is_the_branch_the_pipeline_encodes(dropped, monkeypatch):
+    """Training sees the unconditional branches token for token as classifier-free guidance asks for them."""
+    model, processor = tiny_chat_model()
+    sample = edit_sample(0)
+    rates = {"text_dropout": float(dropped == "text"), "image_dropout": float(dropped == "image")}
+    batch = EmmaCollator(processor, model.config, **rates)([sample])
+    trained = batch["input_ids"][0, batch["attention_mask"][0].bool()].tolist()
+
+    pipe = EmmaPipeline.from_model(model, processor)
+    encoded = {}
+    encode_context = model.encode_context
+
+    def capture(input_ids, attention_mask, **kwargs):
+        encoded["rows"] = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+        encoded["pixel_values"] = kwargs["pixel_values"]
+        return encode_context(input_ids, attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "encode_context", capture)
+    pipe.encode_prompt([sample["instruction"]], sample["images"], [""], do_text_guidance=True, do_image_guidance=True)
+    branch = encoded["rows"][1 if dropped == "text" else 2]  # rows: full, no text, no image
+    assert trained[: len(branch)] == branch and trained[len(branch)] == model.config.gen_token_id
+    if dropped == "image":
+        assert "pixel_values" not in batch
+    else:
+        assert torch.equal(batch["pixel_values"][0], encoded["pixel_values"][1])

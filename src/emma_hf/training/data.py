@@ -15,6 +15,7 @@ Formats (one JSON object per line; image paths relative to the JSONL file):
 import json
 import logging
 import math
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -197,18 +198,32 @@ class EmmaCollator:
     With `noise_seed`, each sample's flow-matching noise and `t` come from a generator seeded by the seed and the
     sample's `index`, so a batch's loss does not depend on how samples are spread over processes; without it the
     model draws them.
+
+    Condition dropout trains the branches classifier-free guidance runs: with probability `text_dropout` an image
+    sample's prompt or instruction becomes empty (the pipeline's "no text" branch), and with probability
+    `image_dropout` an edit's source image is left out (its "no image" branch: the instruction posed as
+    text-to-image). The draws are seeded by `dropout_seed` and the sample's `index`.
     """
 
     processor: EmmaProcessor
     config: EmmaConfig
     noise_seed: int | None = None
+    text_dropout: float = 0.0
+    image_dropout: float = 0.0
+    dropout_seed: int = 0
+
+    def __post_init__(self):
+        for name in ("text_dropout", "image_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         rows, context_images, targets, target_indices = [], [], [], []
         with warnings.catch_warnings():
             # Training data may teach a closed-vocabulary checkpoint new words: nothing to warn about.
             warnings.simplefilter("ignore", UnknownWordsWarning)
-            for sample in samples:
+            for sample in map(self.with_condition_dropout, samples):
                 rows.append(self.sample_segments(sample))
                 context_images += sample.get("images", [])
                 if "target" in sample:
@@ -239,6 +254,18 @@ class EmmaCollator:
         if targets and self.noise_seed is not None:
             batch["noise"], batch["timesteps"] = self.seeded_noise(target_grids, target_indices)
         return batch
+
+    def with_condition_dropout(self, sample: dict) -> dict:
+        """The sample as trained: its text condition blanked and its source image dropped, each with its rate."""
+        if sample["task"] == "understanding" or not (self.text_dropout or self.image_dropout):
+            return sample
+        draws = random.Random(self.dropout_seed * 1_000_003 + sample.get("index", 0))
+        drop_text, drop_image = draws.random() < self.text_dropout, draws.random() < self.image_dropout
+        text_field = "prompt" if sample["task"] == "text_to_image" else "instruction"
+        sample = {**sample, text_field: "" if drop_text else sample[text_field]}
+        if sample["task"] == "edit" and drop_image:
+            sample = {**sample, "task": "text_to_image", "prompt": sample.pop("instruction"), "images": []}
+        return sample
 
     def sample_segments(self, sample: dict) -> list[tuple[str, bool]]:
         if sample["task"] == "understanding":

@@ -15,6 +15,8 @@ The config (YAML):
     num_samples: null                # samples per epoch (default: every file seen once)
     on_data_error: raise             # or skip (logged)
     noise_seed: null                 # fixed flow-matching noise per sample (reproducible across process counts)
+    text_dropout: null               # condition dropout for classifier-free guidance (default: the stage's)
+    image_dropout: null
     lora: {preset: generation, r: 16, lora_alpha: 32, lora_dropout: 0.0}   # optional
     resume: false                    # true: the last checkpoint in output_dir; or a checkpoint path
     training: {max_steps: 1000, per_device_train_batch_size: 4, bf16: true, activation_checkpointing: true}
@@ -124,6 +126,8 @@ class TrainConfig:
     num_samples: int | None = None
     on_data_error: str = "raise"
     noise_seed: int | None = None
+    text_dropout: float | None = None
+    image_dropout: float | None = None
     lora: dict | None = None
     resume: bool | str = False
     training: dict = field(default_factory=dict)
@@ -186,6 +190,12 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise TypeError(f"{name} must be a non-negative integer or null, got {value!r}")
+        for name in ("text_dropout", "image_dropout"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
+            ):
+                raise ValueError(f"{name} must be a probability in [0, 1] or null, got {value!r}")
         if self.on_data_error not in ("raise", "skip"):
             raise ValueError(f"on_data_error must be 'raise' or 'skip', got {self.on_data_error!r}")
         if self.lora is not None and (not isinstance(self.lora, dict) or self.lora.get("preset") not in LORA_PRESETS):
@@ -206,8 +216,9 @@ class TrainConfig:
 def build_trainer(config: TrainConfig) -> EmmaTrainer:
     """Everything `emma-hf train` sets up before `trainer.train()`."""
     stage = get_stage(config.stage)
+    seed = config.training.get("seed", TrainingArguments.seed)
     # The Trainer seeds only once it is built; LoRA matrices and stage changes made before it are seeded here.
-    set_seed(config.training.get("seed", TrainingArguments.seed))
+    set_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(config.model)
     apply_stage(model, stage.name)
@@ -239,7 +250,14 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
         model=model,
         args=TrainingArguments(**arguments),
         train_dataset=dataset,
-        data_collator=EmmaCollator(processor, model.config, config.noise_seed),
+        data_collator=EmmaCollator(
+            processor,
+            model.config,
+            config.noise_seed,
+            text_dropout=stage.text_dropout if config.text_dropout is None else config.text_dropout,
+            image_dropout=stage.image_dropout if config.image_dropout is None else config.image_dropout,
+            dropout_seed=seed,
+        ),
         processing_class=processor,
     )
 
@@ -259,5 +277,16 @@ def run_training(config: TrainConfig) -> EmmaTrainer:
         else:
             from ..hub import export_checkpoint
 
-            export_checkpoint(model, trainer.processing_class, final)
+            export_checkpoint(model, trainer.processing_class, final, training=training_summary(config, trainer))
     return trainer
+
+
+def training_summary(config: TrainConfig, trainer: EmmaTrainer) -> str:
+    """How `emma-hf train` made a checkpoint, for its model card."""
+    collator = trainer.data_collator
+    data = ", ".join(f"{task} ({len(dataset)} samples)" for task, dataset in trainer.train_dataset.datasets.items())
+    return (
+        f"`emma-hf train`, stage `{get_stage(config.stage).name}`, {trainer.state.global_step} steps of "
+        f"{trainer.args.per_device_train_batch_size} samples per device from {config.model}, on {data}; condition "
+        f"dropout: text {collator.text_dropout}, source image {collator.image_dropout}."
+    )

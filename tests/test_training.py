@@ -269,3 +269,37 @@ def test_a_dropped_condition_is_the_branch_the_pipeline_encodes(dropped, monkeyp
         assert "pixel_values" not in batch
     else:
         assert torch.equal(batch["pixel_values"][0], encoded["pixel_values"][1])
+
+
+def moe_experts(model) -> list:
+    return [layer.mlp.experts for layer in model.model.vision_tower.encoder.layers if hasattr(layer.mlp, "experts")]
+
+
+def test_a_stages_router_mode_holds_while_training_and_is_never_saved(toy, tmp_path):
+    model, processor = tiny_chat_model(seed=1, vision_router_mode="versatile")
+    apply_stage(model, "moe-expert")
+    assert model.train().model.router_mode == "stem" and model.eval().model.router_mode == "versatile"
+    model.save_pretrained(tmp_path / "expert")
+    saved = json.loads((tmp_path / "expert" / "config.json").read_text())
+    assert saved["vision_router_mode"] == "versatile" and "training_router_mode" not in saved
+
+    apply_stage(model, "moe-router")  # router tuning trains soft routing for top-1 inference
+    assert model.train().model.router_mode == "soft" and model.config.vision_router_mode == "top1"
+    model.save_pretrained(tmp_path / "router")
+    assert json.loads((tmp_path / "router" / "config.json").read_text())["vision_router_mode"] == "top1"
+    reloaded = type(model).from_pretrained(tmp_path / "router").train()
+    assert reloaded.model.training_router_mode is None and reloaded.model.router_mode == "top1"
+
+
+@pytest.mark.parametrize("reinitialize", [True, False])
+def test_expert_tuning_starts_the_stem_expert_from_the_tuned_versatile_expert(reinitialize):
+    model, _ = tiny_chat_model(seed=1)
+    with torch.no_grad():
+        for experts in moe_experts(model):
+            experts[0].fc1.weight.add_(1.0)  # what stages 1-3 tuned; the STEM copy went stale
+    stale = [experts[1].fc1.weight.clone() for experts in moe_experts(model)]
+    apply_stage(model, "moe-expert", reinitialize_stem_expert=reinitialize)
+    for experts, old in zip(moe_experts(model), stale):
+        expected = experts[0].fc1.weight if reinitialize else old
+        assert torch.equal(experts[1].fc1.weight, expected)
+        assert torch.equal(experts[1].fc2.bias, experts[0].fc2.bias) or not reinitialize

@@ -792,10 +792,20 @@ class EmmaModel(EmmaPreTrainedModel):
         self.gen_adapter = EmmaMLP(latent_channels, config.gen_adapter_hidden_size, hidden_size)
         self.time_embed = EmmaTimestepEmbedding(config.timestep_embedding_dim, hidden_size)
         self.language_model = EmmaLanguageModel(config)
+        # A training stage's routing (`emma_hf.training.apply_stage`): used in training mode only and never saved,
+        # so a checkpoint always infers with `config.vision_router_mode`.
+        self.training_router_mode: str | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.language_model.embed_tokens
+
+    @property
+    def router_mode(self) -> str:
+        """The vision router mode of the next forward: the stage's while training, else the checkpoint's."""
+        if self.training and self.training_router_mode is not None:
+            return self.training_router_mode
+        return self.config.vision_router_mode
 
     @torch.no_grad()
     def initialize_gen_stream_from_und(self) -> None:
@@ -867,7 +877,7 @@ class EmmaModel(EmmaPreTrainedModel):
             [[image.shape[-2] // patch_size, image.shape[-1] // patch_size] for image in images],
             device=tower_param.device,
         )
-        semantic = self.vision_tower(padded, patch_mask, spatial_shapes, self.config.vision_router_mode)
+        semantic = self.vision_tower(padded, patch_mask, spatial_shapes, self.router_mode)
         latents = self.encode_latents(vae_images)
         factor = self.config.vision_unshuffle_factor
         adapter_dtype = self.und_adapter.linear_1.weight.dtype

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..modeling_emma import EmmaModel
+
 
 def is_und_adapter(name: str) -> bool:
     return name.startswith("model.und_adapter.")
@@ -29,8 +31,11 @@ def is_not_vae(name: str) -> bool:
 class StagePreset:
     """
     trains: which parameter names train (all others are frozen).
-    router_mode: `vision_router_mode` while training: stages 0-3 run the original SigLIP2 MLP (`versatile`), the
-        expert-tuning stage forces `stem`, the router-tuning stage mixes experts (`soft`) so the router gets a gradient.
+    router_mode: the vision router mode while training (never saved): stages 0-3 run the original SigLIP2 MLP
+        (`versatile`), the expert-tuning stage forces `stem`, the router-tuning stage mixes experts (`soft`) so the
+        router gets a gradient.
+    inference_router_mode: what the checkpoint routes with once the stage has trained (`config.vision_router_mode`):
+        `top1` after router tuning; None leaves the checkpoint's mode.
     task_ratios: default mix of understanding / text-to-image / edit samples.
     learning_rate: default peak learning rate.
     text_dropout, image_dropout: default condition dropout ([`EmmaCollator`]) in the stages that train drawing: the
@@ -46,6 +51,7 @@ class StagePreset:
     learning_rate: float = 1e-4
     text_dropout: float = 0.0
     image_dropout: float = 0.0
+    inference_router_mode: str | None = None
 
 
 STAGES = {
@@ -103,6 +109,7 @@ STAGES = {
             "soft",
             {"understanding": 1.0},
             1e-4,
+            inference_router_mode="top1",
         ),
     )
 }
@@ -117,13 +124,21 @@ def get_stage(stage: str | int) -> StagePreset:
     return STAGES[name]
 
 
-def apply_stage(model: nn.Module, stage: str | int) -> list[str]:
-    """Set `requires_grad` and the vision router mode for `stage`; return the names of the trainable parameters."""
+def apply_stage(model: nn.Module, stage: str | int, reinitialize_stem_expert: bool = True) -> list[str]:
+    """
+    Set `requires_grad`, the training router mode and the checkpoint's inference router mode for `stage`; return
+    the names of the trainable parameters. The expert-tuning stage first copies the versatile expert, as tuned by
+    the stages before it, into the STEM expert (`reinitialize_stem_expert=False` keeps the STEM expert as it is).
+    """
     preset = get_stage(stage)
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "vision_router_mode"):
+    emma = next((module for module in model.modules() if isinstance(module, EmmaModel)), None)
+    if emma is None:
         raise TypeError(f"apply_stage needs an EMMA model, got {type(model).__name__}")
-    config.vision_router_mode = preset.router_mode
+    emma.training_router_mode = preset.router_mode
+    if preset.inference_router_mode is not None:
+        emma.config.vision_router_mode = preset.inference_router_mode
+    if preset.name == "moe-expert" and reinitialize_stem_expert:
+        emma.initialize_experts_from_versatile()
     trainable = []
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(preset.trains(name))

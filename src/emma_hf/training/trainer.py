@@ -17,6 +17,7 @@ The config (YAML):
     noise_seed: null                 # fixed flow-matching noise per sample (reproducible across process counts)
     text_dropout: null               # condition dropout for classifier-free guidance (default: the stage's)
     image_dropout: null
+    reinitialize_stem_expert: true   # moe-expert: start the STEM expert from the tuned versatile one
     lora: {preset: generation, r: 16, lora_alpha: 32, lora_dropout: 0.0}   # optional
     resume: false                    # true: the last checkpoint in output_dir; or a checkpoint path
     training: {max_steps: 1000, per_device_train_batch_size: 4, bf16: true, activation_checkpointing: true}
@@ -128,6 +129,7 @@ class TrainConfig:
     noise_seed: int | None = None
     text_dropout: float | None = None
     image_dropout: float | None = None
+    reinitialize_stem_expert: bool = True
     lora: dict | None = None
     resume: bool | str = False
     training: dict = field(default_factory=dict)
@@ -200,6 +202,8 @@ class TrainConfig:
             raise ValueError(f"on_data_error must be 'raise' or 'skip', got {self.on_data_error!r}")
         if self.lora is not None and (not isinstance(self.lora, dict) or self.lora.get("preset") not in LORA_PRESETS):
             raise ValueError(f"lora needs a preset, one of {sorted(LORA_PRESETS)}; got {self.lora!r}")
+        if not isinstance(self.reinitialize_stem_expert, bool):
+            raise TypeError(f"reinitialize_stem_expert must be true or false, got {self.reinitialize_stem_expert!r}")
         if not isinstance(self.resume, (bool, str)):
             raise TypeError(f"resume must be true, false or a checkpoint path, got {self.resume!r}")
         if not isinstance(self.training, dict):
@@ -221,7 +225,7 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
     set_seed(seed)
     model = AutoModelForImageTextToText.from_pretrained(config.model, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(config.model)
-    apply_stage(model, stage.name)
+    apply_stage(model, stage.name, config.reinitialize_stem_expert)
     if config.lora is not None:
         from peft import get_peft_model
 

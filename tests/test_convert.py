@@ -144,3 +144,21 @@ def test_convert_command_writes_an_exported_checkpoint(components, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["num_shallow_layers"] == 1 and config["gen_token_id"] == 303
     assert (output / "model_index.json").exists() and (output / "model").is_dir()
+
+
+def test_added_tokens_on_padding_rows_start_at_the_mean_of_the_tokenizers_rows(components, tmp_path):
+    """As Qwen3-4B: more embedding rows (310) than tokens (300), so EMMA's tokens land on untrained padding rows."""
+    root = components["root"]
+    text_config = Qwen3Config(**{**components["qwen"].config.to_dict(), "vocab_size": 310})
+    torch.manual_seed(1)
+    padded = Qwen3ForCausalLM(text_config).eval()
+    padded.save_pretrained(tmp_path / "qwen3")
+    tiny_tokenizer().save_pretrained(tmp_path / "qwen3")
+    model, processor = build_emma_from_components(tmp_path / "qwen3", root / "siglip2", root / "dc-ae")
+    assert processor.emma_token_ids["gen_start_token_id"] == 304 and model.config.text_config.vocab_size == 310
+    for emma_rows, qwen_rows in (
+        (model.get_input_embeddings().weight, padded.get_input_embeddings().weight),
+        (model.get_output_embeddings().weight, padded.get_output_embeddings().weight),
+    ):
+        assert torch.equal(emma_rows[:300], qwen_rows[:300]) and torch.equal(emma_rows[305:], qwen_rows[305:])
+        torch.testing.assert_close(emma_rows[300:305], qwen_rows[:300].mean(0).expand(5, -1))

@@ -103,7 +103,7 @@ def test_cache_passed_twice_is_refused():
         model(input_ids=torch.tensor([[1, 2]]), cache=object(), past_key_values=object())
 
 
-def test_no_cache_is_kept_where_the_trainer_or_checkpointing_turn_it_off():
+def test_no_cache_is_kept_where_the_trainer_or_training_turn_it_off():
     model = tiny_model()
     input_ids = torch.tensor([[1, 2, 3]])
     assert getattr(model(input_ids=input_ids), CACHE_NAME) is not None
@@ -111,11 +111,15 @@ def test_no_cache_is_kept_where_the_trainer_or_checkpointing_turn_it_off():
     assert getattr(model(input_ids=input_ids), CACHE_NAME) is None
     assert getattr(model(input_ids=input_ids, use_cache=True), CACHE_NAME) is not None
 
-    model = tiny_model().train()
-    model.activation_checkpointing_enable()
-    output = model(input_ids=input_ids, labels=input_ids)
-    output.loss.backward()
-    assert getattr(output, CACHE_NAME) is None
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        output = model(input_ids=input_ids, labels=input_ids)
+        output.loss.backward()
+        assert getattr(output, CACHE_NAME) is None
+        with torch.no_grad():  # a training-mode pass without gradients (e.g. sampling while training) may cache
+            assert getattr(model(input_ids=input_ids), CACHE_NAME) is not None
 
 
 def test_generation_continues_from_a_returned_cache():

@@ -112,6 +112,19 @@ def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[st
                 )
 
 
+@torch.no_grad()
+def mean_initialize_tokens(model: EmmaForConditionalGeneration, token_ids: range, num_trained_tokens: int) -> None:
+    """
+    Start the rows of tokens EMMA adds at the mean of the tokenizer's own rows: Qwen3 pads its embeddings beyond its
+    tokenizer (151936 rows for 151669 tokens), so added tokens land on padding rows that were never trained.
+    """
+    matrices = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings:
+        matrices.append(model.get_output_embeddings().weight)
+    for matrix in matrices:
+        matrix[token_ids.start : token_ids.stop] = matrix[:num_trained_tokens].float().mean(0).to(matrix.dtype)
+
+
 def build_emma_from_components(
     llm: str | Path,
     vision: str | Path,
@@ -123,7 +136,8 @@ def build_emma_from_components(
     Build EMMA from a Qwen3 causal-LM checkpoint, a SigLIP2 (vision or full) checkpoint and a diffusers
     `AutoencoderDC` checkpoint (folders or Hub ids, as those libraries save them): shared weights copied, the `gen`
     stream initialised from `und`, the STEM expert from the versatile one, adapters and heads fresh with the velocity
-    head's output at zero, and the tokenizer extended with EMMA's special tokens. `config_overrides` go to
+    head's output at zero, and the tokenizer extended with EMMA's special tokens, whose rows start at the mean
+    embedding. `config_overrides` go to
     [`EmmaConfig`] (e.g. `num_shallow_layers`, `vision_moe_layers`).
     """
     text_config = AutoConfig.from_pretrained(llm)
@@ -135,7 +149,9 @@ def build_emma_from_components(
         raise ValueError(f"vision must be a SigLIP2 checkpoint, {str(vision)!r} is {vision_config.model_type!r}")
     vae_config = {key: value for key, value in AutoencoderDC.load_config(vae).items() if not key.startswith("_")}
 
-    processor = EmmaProcessor(image_processor or EmmaImageProcessor(), AutoTokenizer.from_pretrained(llm))
+    tokenizer = AutoTokenizer.from_pretrained(llm)
+    num_trained_tokens = len(tokenizer)
+    processor = EmmaProcessor(image_processor or EmmaImageProcessor(), tokenizer)
     text_config = text_config.to_dict()
     text_config["vocab_size"] = max(text_config["vocab_size"], len(processor.tokenizer))
     config = EmmaConfig(
@@ -152,6 +168,7 @@ def build_emma_from_components(
         read_safetensors(vae, DIFFUSERS_WEIGHTS_NAME),
     )
     load_component_weights(model, weights)
+    mean_initialize_tokens(model, range(num_trained_tokens, len(processor.tokenizer)), num_trained_tokens)
     model.model.initialize_gen_stream_from_und()
     model.model.initialize_experts_from_versatile()
     with torch.no_grad():

@@ -970,12 +970,12 @@ class EmmaModel(EmmaPreTrainedModel):
             block_ids = torch.full((batch, seq), -1, dtype=torch.long, device=device)
         has_gen = bool(gen_mask.any())
         if use_cache is None:
-            # The Trainer switches caching off in the top-level config (`TrainingArguments.use_cache`), and a training
-            # pass under activation checkpointing replays its layers, so it keeps no cache either.
+            # The Trainer switches caching off in the top-level config (`TrainingArguments.use_cache`); a training
+            # pass (gradients on) never continues from its cache, so it keeps none, whoever runs it.
             use_cache = (
                 getattr(self.config, "use_cache", self.config.text_config.use_cache)
                 and not has_gen
-                and not (self.training and torch.is_grad_enabled() and self.is_activation_checkpointing)
+                and not (self.training and torch.is_grad_enabled())
             )
         if use_cache and has_gen:
             raise ValueError(

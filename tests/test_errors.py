@@ -164,6 +164,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "config-token-ids-collide": lambda tmp: EmmaConfig.from_preset("tiny", gen_token_id=310),
     "config-token-id-outside-vocab": lambda tmp: EmmaConfig.from_preset("tiny", image_token_id=5000),
     "config-image-size": lambda tmp: EmmaConfig.from_preset("tiny").num_image_tokens(100, 64),
+    "config-sampler-defaults": lambda tmp: EmmaConfig.from_preset(
+        "tiny", image_sampler_defaults={"num_inference_steps": 0}
+    ),
     # Processor
     "processor-image-type": lambda tmp: EmmaImageProcessor()(images=[123]),
     "processor-array-shape": lambda tmp: EmmaImageProcessor()(images=np.zeros((8, 8, 7), np.uint8)),

@@ -319,3 +319,22 @@ def test_save_pretrained_keeps_the_pipelines_own_scheduler(pipe, tmp_path):
         DiffusionPipeline.from_pretrained(tmp_path / "saved", trust_remote_code=True),
     ):
         assert loaded.scheduler.config.shift == 2.5 and not loaded.scheduler.config.use_dynamic_shifting
+
+
+def test_sampler_settings_left_out_are_the_checkpoints(tmp_path):
+    model, processor = tiny_chat_model(seed=3)
+    pipe = EmmaPipeline.from_model(model, processor)
+    pipe.set_progress_bar_config(disable=True)
+    pipe("Draw a blue triangle.", output_type="latent", image=SOURCE)
+    assert (pipe.num_timesteps, pipe.guidance_scale, pipe.image_guidance_scale) == (30, 4.0, 2.0)
+
+    model.config.image_sampler_defaults = {"num_inference_steps": 3, "guidance_scale": 1.0}
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = EmmaPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    for candidate in (pipe, reloaded):
+        candidate("Draw a blue triangle.", output_type="latent", image=SOURCE)
+        assert (candidate.num_timesteps, candidate.guidance_scale, candidate.image_guidance_scale) == (3, 1.0, 2.0)
+    pipe("Draw a blue triangle.", output_type="latent", num_inference_steps=2, guidance_scale=3.0)
+    assert (pipe.num_timesteps, pipe.guidance_scale) == (2, 3.0)
+    assert "`num_inference_steps=3`, `guidance_scale=1.0`" in (tmp_path / "saved" / "README.md").read_text()

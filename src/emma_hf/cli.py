@@ -69,6 +69,7 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def generation_settings(args: argparse.Namespace) -> dict:
+    """The sampler options given; the pipeline takes the checkpoint's settings for the others."""
     return {
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance,
@@ -231,6 +232,11 @@ def image_output_file(text: str) -> str:
     return text
 
 
+# Sampler options left out take the checkpoint's settings (`EmmaConfig.image_sampler_defaults`).
+CHECKPOINT_DEFAULT = "(default: the checkpoint's; {} for the shipped model)"
+IMAGE_GUIDANCE_HELP = f"source-image guidance scale of edits (<= 1: off) {CHECKPOINT_DEFAULT.format(1.0)}"
+
+
 class HelpWithDefaults(argparse.HelpFormatter):
     """Every option's help ends with its default, where it has one."""
 
@@ -246,8 +252,10 @@ def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> 
     parser.add_argument("--lora", type=adapter_source, help="PEFT LoRA adapter folder or Hub id to apply to the model")
     if drawing:
         parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-        parser.add_argument("--steps", type=positive_int, default=20, help="denoising steps")
-        parser.add_argument("--guidance", type=guidance_scale, default=1.5, help="text guidance scale (<= 1: off)")
+        parser.add_argument("--steps", type=positive_int, help=f"denoising steps {CHECKPOINT_DEFAULT.format(20)}")
+        parser.add_argument(
+            "--guidance", type=guidance_scale, help=f"text guidance scale (<= 1: off) {CHECKPOINT_DEFAULT.format(1.5)}"
+        )
 
 
 def package_version() -> str:
@@ -305,9 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit_parser.add_argument("image", type=existing_image_file, help="image file to edit")
     edit_parser.add_argument("instruction", help="what to change")
     edit_parser.add_argument("-o", "--output", type=image_output_file, required=True, help="image file to write")
-    edit_parser.add_argument(
-        "--image-guidance", type=guidance_scale, default=1.0, help="source-image guidance scale (<= 1: off)"
-    )
+    edit_parser.add_argument("--image-guidance", type=guidance_scale, help=IMAGE_GUIDANCE_HELP)
     add_model_options(edit_parser)
     edit_parser.set_defaults(run=edit)
 
@@ -322,8 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--questions", type=int, default=500, help="questions to answer (understanding)")
     eval_parser.add_argument("--prompts", type=int, default=200, help="prompts to draw (text-to-image)")
     eval_parser.add_argument("--edits", type=int, default=200, help="instructions to apply (editing)")
-    image_guidance_help = "source-image guidance scale of edits (<= 1: off)"
-    eval_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0, help=image_guidance_help)
+    eval_parser.add_argument("--image-guidance", type=guidance_scale, help=IMAGE_GUIDANCE_HELP)
     eval_parser.add_argument("--json", help="also write the scores to this JSON file")
     add_model_options(eval_parser)
     eval_parser.set_defaults(run=evaluate_shapes, seed=1234)
@@ -332,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.add_argument(
         "-o", "--output", type=image_output_file, default="emma-demo.png", help="image file to write"
     )
-    demo_parser.add_argument("--image-guidance", type=guidance_scale, default=1.0, help=image_guidance_help)
+    demo_parser.add_argument("--image-guidance", type=guidance_scale, help=IMAGE_GUIDANCE_HELP)
     add_model_options(demo_parser)
     demo_parser.set_defaults(run=demo)
     return parser

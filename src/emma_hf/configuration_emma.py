@@ -148,6 +148,29 @@ def vae_spatial_compression(vae_config: dict) -> int:
     return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
 
 
+# Sampler settings a checkpoint may fix for `EmmaPipeline` (`EmmaConfig.image_sampler_defaults`), with their checks.
+SAMPLER_SETTINGS = {
+    "num_inference_steps": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "guidance_scale": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
+    "image_guidance_scale": (
+        "a number >= 0",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+    ),
+}
+
+
+def check_sampler_defaults(defaults: dict) -> None:
+    if not isinstance(defaults, dict):
+        raise ValueError(f"image_sampler_defaults must be a dict or None, got {defaults!r}")
+    unknown = sorted(set(defaults) - set(SAMPLER_SETTINGS))
+    if unknown:
+        raise ValueError(f"image_sampler_defaults has unknown settings {unknown}; allowed: {list(SAMPLER_SETTINGS)}")
+    for name, value in defaults.items():
+        allowed, is_valid = SAMPLER_SETTINGS[name]
+        if not is_valid(value):
+            raise ValueError(f"image_sampler_defaults[{name!r}] must be {allowed}, got {value!r}")
+
+
 @strict
 class EmmaConfig(PreTrainedConfig):
     r"""
@@ -175,6 +198,9 @@ class EmmaConfig(PreTrainedConfig):
             content; small-canvas models spread their positions over more frequencies with a larger value.
         image_token_id / gen_token_id (`int`): placeholders of context-image and generated-image tokens.
         vision_start_token_id / vision_end_token_id / gen_start_token_id (`int`): delimiters written by the processor.
+        image_sampler_defaults (`dict`, *optional*): the sampler settings `EmmaPipeline` and `emma-hf` use when a
+            call gives none, as tuned for this checkpoint: any of `num_inference_steps`, `guidance_scale`,
+            `image_guidance_scale` (the pipeline's own defaults fill the rest).
         flow_*: flow-matching defaults; t ~ logit-normal(`flow_logit_mean`, `flow_logit_std`), then shifted by
             `exp(mu)` where `mu` grows linearly with the image's token count from `flow_base_shift` at
             `flow_base_image_seq_len` to `flow_max_shift` at `flow_max_image_seq_len` (the schedule of diffusers'
@@ -225,6 +251,7 @@ class EmmaConfig(PreTrainedConfig):
     flow_logit_std: float = 1.0
     ce_weight: float = 1.0
     fm_weight: float = 1.0
+    image_sampler_defaults: dict | None = None
 
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
@@ -295,6 +322,8 @@ class EmmaConfig(PreTrainedConfig):
                 f"vision_config.patch_size * vision_unshuffle_factor = {patch_size} * {self.vision_unshuffle_factor} = "
                 f"{grid}; both encoders must give one token per {grid}x{grid} cell"
             )
+        if self.image_sampler_defaults is not None:
+            check_sampler_defaults(self.image_sampler_defaults)
         if not self.image_position_scale > 0:
             raise ValueError(f"image_position_scale must be a positive number, got {self.image_position_scale}")
         if self.text_config.hidden_size % 4:

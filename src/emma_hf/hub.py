@@ -124,6 +124,7 @@ def model_card(
         model_name=card_data.model_name,
         repo_id=repo_id,
         remote_code=remote_code,
+        sampler=", ".join(f"`{name}={value}`" for name, value in (config.image_sampler_defaults or {}).items()),
         emma_hf_version=emma_hf_version,
         parameters=f"{parameter_report(model).total / 1e6:,.1f}M",
         decoder=f"Qwen3, {text.num_hidden_layers} layers, hidden {text.hidden_size} (the first "

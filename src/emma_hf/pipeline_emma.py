@@ -26,6 +26,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Sampler settings for checkpoints whose config names none (`EmmaConfig.image_sampler_defaults` overrides them).
+SAMPLER_DEFAULTS = {"num_inference_steps": 30, "guidance_scale": 4.0, "image_guidance_scale": 2.0}
 
 
 @dataclass
@@ -177,6 +179,12 @@ class EmmaPipeline(DiffusionPipeline):
 
         self.model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
         set_adapter(self.model, adapter_name or "default", inference_mode=True)
+
+    def sampler_setting(self, name: str, value):
+        """`value`, or where it is None the checkpoint's setting, or the pipeline's own default."""
+        if value is not None:
+            return value
+        return (getattr(self.model.config, "image_sampler_defaults", None) or {}).get(name, SAMPLER_DEFAULTS[name])
 
     def default_size(self) -> tuple[int, int]:
         """Text-to-image size when none is given: the largest square within the processor's pixel budget."""
@@ -362,11 +370,11 @@ class EmmaPipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 30,
+        num_inference_steps: int | None = None,
         timesteps: list[float] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 4.0,
-        image_guidance_scale: float = 2.0,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         guidance_interval: tuple[float, float] | None = None,
         guidance_renorm_min: float | None = None,
         num_images_per_prompt: int = 1,
@@ -393,6 +401,8 @@ class EmmaPipeline(DiffusionPipeline):
             num_inference_steps / timesteps / sigmas: the schedule. By default `sigmas` run linearly from 1 to
                 `1 / steps`, shifted as the model config says (by the image's token count when dynamic).
             guidance_scale: text guidance (<= 1: off). image_guidance_scale: source-image guidance for edits (<= 1: off).
+                `num_inference_steps`, `guidance_scale` and `image_guidance_scale` left as None take the checkpoint's
+                settings (`model.config.image_sampler_defaults`), else 30, 4.0 and 2.0.
             guidance_interval: `(low, high)` noise levels in [0, 1] where guidance applies; elsewhere only the full
                 condition runs.
             guidance_renorm_min: rescale each guided velocity to at most the norm of the unguided-full one, by a
@@ -407,6 +417,14 @@ class EmmaPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        num_inference_steps, guidance_scale, image_guidance_scale = (
+            self.sampler_setting(name, value)
+            for name, value in (
+                ("num_inference_steps", num_inference_steps),
+                ("guidance_scale", guidance_scale),
+                ("image_guidance_scale", image_guidance_scale),
+            )
+        )
         self.check_inputs(
             prompt,
             image,

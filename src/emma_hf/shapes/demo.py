@@ -33,7 +33,7 @@ def contact_sheet(
 ) -> PIL.Image.Image:
     """One PNG with a row per task; `settings` go to the pipeline (steps, guidance, generator)."""
     canvas = pipe.processor.image_processor.size.height or TILE
-    image_guidance_scale = settings.pop("image_guidance_scale", 1.0)
+    image_guidance_scale = settings.pop("image_guidance_scale", None)
     prompts = prompt_set(DEMO_SEED, num_prompts, canvas)
     drawn = pipe([p.text for p in prompts], height=canvas, width=canvas, **settings).images
     edits = edit_set(DEMO_SEED, num_edits, canvas)

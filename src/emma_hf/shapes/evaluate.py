@@ -76,13 +76,16 @@ def evaluate(
     num_questions: int = 500,
     num_prompts: int = 200,
     num_edits: int = 200,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 1.5,
-    image_guidance_scale: float = 1.0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    image_guidance_scale: float | None = None,
     batch_size: int = 25,
     progress: Callable | None = None,
 ) -> dict[str, TaskScores]:
-    """Score the pipeline's model on freshly drawn scenes (`seed` must be one training never used)."""
+    """
+    Score the pipeline's model on freshly drawn scenes (`seed` must be one training never used); sampler settings
+    left as None are the checkpoint's.
+    """
     canvas = pipe.processor.image_processor.size.height or 96
     progress = progress or no_progress
     scores = {

@@ -6,6 +6,7 @@ import pytest
 from transformers import AutoConfig, Qwen3Config, Siglip2VisionConfig
 
 from emma_hf import EmmaConfig
+from emma_hf.configuration_emma import DECOUPLABLE_MODULES
 
 
 def test_round_trip_is_unchanged(tmp_path):
@@ -24,8 +25,18 @@ def test_presets_and_defaults():
     assert emma_4b.vision_moe_layers == [22, 23, 24, 25, 26]
     assert emma_4b.image_grid_size == 32 and emma_4b.tie_word_embeddings
     assert emma_4b.decoupled_modules(0) == ("v_proj",)
-    assert "mlp" in emma_4b.decoupled_modules(18)
-    with pytest.raises(ValueError, match=r"unknown preset 'emma-7b'; available: \['emma-4b', 'tiny'\]"):
+    assert emma_4b.decoupled_modules(18) == DECOUPLABLE_MODULES
+    literal = EmmaConfig.from_preset("emma-4b-literal")
+    assert literal.text_config.to_dict() == emma_4b.text_config.to_dict()
+    assert literal.decoupled_modules(0) == () and literal.decoupled_modules(35) == (
+        "v_proj",
+        "o_proj",
+        "post_attention_layernorm",
+        "mlp",
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'emma-7b'; available: \['emma-4b', 'emma-4b-literal', 'tiny'\]"
+    ):
         EmmaConfig.from_preset("emma-7b")
 
 
@@ -35,6 +46,7 @@ def test_presets_and_defaults():
         ({"num_shallow_layers": 5}, "num_shallow_layers"),
         ({"num_shallow_layers": -1}, "num_shallow_layers"),
         ({"shallow_decoupled_modules": ["v_proj", "w_proj"]}, "shallow_decoupled_modules"),
+        ({"deep_decoupled_modules": ["mlp", "ffn"]}, "deep_decoupled_modules"),
         ({"vision_moe_layers": [1, 3]}, "vision_moe_layers"),
         ({"vision_moe_layers": [1, 1]}, "vision_moe_layers"),
         ({"vision_num_experts": 0}, "vision_num_experts"),

@@ -1,9 +1,10 @@
 """One optimiser step on a mixed batch trains both streams and leaves the DC-AE alone."""
 
+import pytest
 import torch
 from builders import tiny_model
 
-from emma_hf.modeling_emma import TokenStreams
+from emma_hf.modeling_emma import PART_PATHS, TokenStreams
 from emma_hf.testing_utils import mixed_batch
 
 
@@ -100,3 +101,31 @@ def test_stream_routing_matches_a_per_token_choice_forward_and_backward():
     expected = torch.autograd.grad(reference, [x, *und.parameters(), *gen.parameters()], upstream)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+LITERAL = {
+    "shallow_decoupled_modules": [],
+    "deep_decoupled_modules": ["v_proj", "o_proj", "post_attention_layernorm", "mlp"],
+}
+
+
+@pytest.mark.parametrize(
+    "decoupling",
+    [{}, LITERAL, {"shallow_decoupled_modules": ["q_proj", "k_proj"], "deep_decoupled_modules": []}],
+    ids=["default", "literal", "qk-shallow-only"],
+)
+def test_each_decoupling_trains_one_step_with_its_own_parameters(decoupling):
+    """Each reading of shared-and-decoupled holds gen copies exactly where configured, and every weight learns."""
+    model = tiny_model(num_shallow_layers=2, vision_router_mode="soft", **decoupling).train()
+    config = model.config
+    for index, layer in enumerate(model.model.language_model.layers):
+        chosen = config.shallow_decoupled_modules if index < 2 else config.deep_decoupled_modules
+        expected = {
+            f"{PART_PATHS[name]}.{parameter}"
+            for name in chosen
+            for parameter, _ in layer.get_submodule(PART_PATHS[name]).named_parameters()
+        }
+        assert {name for name, _ in layer.gen.named_parameters()} == expected, index
+    model(**mixed_batch(config)).loss.backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert [name for name, p in trainable.items() if p.grad is None or not bool(p.grad.abs().sum() > 0)] == []

@@ -142,6 +142,13 @@ PRESETS = {
     },
 }
 
+# The literal reading of the paper's shared-and-decoupled decoder (see `EmmaConfig.deep_decoupled_modules`).
+PRESETS["emma-4b-literal"] = {
+    **PRESETS["emma-4b"],
+    "shallow_decoupled_modules": [],
+    "deep_decoupled_modules": ["v_proj", "o_proj", "post_attention_layernorm", "mlp"],
+}
+
 
 def vae_spatial_compression(vae_config: dict) -> int:
     """Downsampling factor of an `AutoencoderDC`, as diffusers computes it."""
@@ -181,8 +188,13 @@ class EmmaConfig(PreTrainedConfig):
         vision_config (`dict` or `Siglip2VisionConfig`): the understanding encoder (SigLIP2, NaFlex patches).
         vae_config (`dict`): keyword arguments of diffusers' `AutoencoderDC`, the frozen generation encoder/decoder.
         num_shallow_layers (`int`, *optional*): layers `[0, num_shallow_layers)` share all weights except
-            `shallow_decoupled_modules`; deeper layers have a full copy per stream. Defaults to half the layers.
-        shallow_decoupled_modules (`list[str]`): parts with one copy per stream in shallow layers.
+            `shallow_decoupled_modules`; deeper layers share all but `deep_decoupled_modules`. Defaults to half the
+            layers.
+        shallow_decoupled_modules (`list[str]`): parts with one copy per stream in shallow layers (default `v_proj`).
+        deep_decoupled_modules (`list[str]`, *optional*): parts with one copy per stream in deep layers; defaults
+            to every part (a full copy per stream). The paper's text admits two readings of "shared-and-decoupled":
+            this default one, and the literal one of the `emma-4b-literal` preset (Q/K shared in every layer,
+            shallow layers sharing everything, deep layers decoupling V, O and the FFN after them).
         vision_moe_layers (`list[int]`, *optional*): SigLIP2 layers whose MLP becomes a mixture of experts.
             Defaults to the last five layers (or all, for shorter encoders).
         vision_num_experts (`int`): experts per MoE layer; expert 0 is `versatile`, expert 1 is `stem`.
@@ -223,6 +235,7 @@ class EmmaConfig(PreTrainedConfig):
 
     num_shallow_layers: int | None = None
     shallow_decoupled_modules: list[str] | tuple[str, ...] = ("v_proj",)
+    deep_decoupled_modules: list[str] | tuple[str, ...] | None = None
     vision_moe_layers: list[int] | tuple[int, ...] | None = None
     vision_num_experts: int = 2
     vision_router_mode: str = "top1"
@@ -269,6 +282,9 @@ class EmmaConfig(PreTrainedConfig):
         if self.vision_moe_layers is None:
             self.vision_moe_layers = list(range(max(0, num_vision_layers - 5), num_vision_layers))
         self.shallow_decoupled_modules = list(self.shallow_decoupled_modules)
+        if self.deep_decoupled_modules is None:
+            self.deep_decoupled_modules = list(DECOUPLABLE_MODULES)
+        self.deep_decoupled_modules = list(self.deep_decoupled_modules)
         self.vision_moe_layers = list(self.vision_moe_layers)
         hidden_size = self.text_config.hidden_size
         for name in ("und_adapter_hidden_size", "gen_adapter_hidden_size", "velocity_head_hidden_size"):
@@ -286,11 +302,10 @@ class EmmaConfig(PreTrainedConfig):
                 f"num_shallow_layers must be in [0, {num_layers}] (text_config.num_hidden_layers), "
                 f"got {self.num_shallow_layers}"
             )
-        unknown = sorted(set(self.shallow_decoupled_modules) - set(DECOUPLABLE_MODULES))
-        if unknown:
-            raise ValueError(
-                f"shallow_decoupled_modules has unknown names {unknown}; allowed: {list(DECOUPLABLE_MODULES)}"
-            )
+        for field in ("shallow_decoupled_modules", "deep_decoupled_modules"):
+            unknown = sorted(set(getattr(self, field)) - set(DECOUPLABLE_MODULES))
+            if unknown:
+                raise ValueError(f"{field} has unknown names {unknown}; allowed: {list(DECOUPLABLE_MODULES)}")
         num_vision_layers = self.vision_config.num_hidden_layers
         bad_layers = [i for i in self.vision_moe_layers if not 0 <= i < num_vision_layers]
         if bad_layers or len(set(self.vision_moe_layers)) != len(self.vision_moe_layers):
@@ -406,13 +421,12 @@ class EmmaConfig(PreTrainedConfig):
 
     def decoupled_modules(self, layer_idx: int) -> tuple[str, ...]:
         """Parts of decoder layer `layer_idx` that have one copy per stream."""
-        if layer_idx < self.num_shallow_layers:
-            return tuple(name for name in DECOUPLABLE_MODULES if name in self.shallow_decoupled_modules)
-        return DECOUPLABLE_MODULES
+        chosen = self.shallow_decoupled_modules if layer_idx < self.num_shallow_layers else self.deep_decoupled_modules
+        return tuple(name for name in DECOUPLABLE_MODULES if name in chosen)
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "EmmaConfig":
-        """Build a named configuration (`emma-4b`, `tiny`); keyword arguments override its fields."""
+        """Build a named configuration (`emma-4b`, `emma-4b-literal`, `tiny`); keyword arguments override its fields."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls(**{**copy.deepcopy(PRESETS[name]), **overrides})

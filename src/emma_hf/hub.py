@@ -128,7 +128,8 @@ def model_card(
         emma_hf_version=emma_hf_version,
         parameters=f"{parameter_report(model).total / 1e6:,.1f}M",
         decoder=f"Qwen3, {text.num_hidden_layers} layers, hidden {text.hidden_size} (the first "
-        f"{config.num_shallow_layers} share all but {', '.join(config.shallow_decoupled_modules)})",
+        f"{config.num_shallow_layers} share all but {', '.join(config.shallow_decoupled_modules) or 'nothing'}; the "
+        f"others all but {', '.join(config.deep_decoupled_modules) or 'nothing'})",
         vision=f"SigLIP2, {vision.num_hidden_layers} layers, patch {vision.patch_size}, MoE in layers "
         f"{config.vision_moe_layers}",
         vae=f"DC-AE, {config.vae_config['latent_channels']} latent channels, {config.image_grid_size}x downsampling",
@@ -136,6 +137,7 @@ def model_card(
         num_layers=text.num_hidden_layers,
         num_shallow_layers=config.num_shallow_layers,
         shallow_decoupled_modules=config.shallow_decoupled_modules,
+        deep_decoupled_modules=config.deep_decoupled_modules,
         vision_moe_layers=config.vision_moe_layers,
         vision_num_experts=config.vision_num_experts,
         vision_router_mode=config.vision_router_mode,

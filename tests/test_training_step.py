@@ -1,8 +1,11 @@
 """One optimiser step on a mixed batch trains both streams and leaves the DC-AE alone."""
 
+import math
+
 import pytest
 import torch
 from builders import tiny_model
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from emma_hf.modeling_emma import PART_PATHS, TokenStreams
 from emma_hf.testing_utils import mixed_batch
@@ -65,11 +68,21 @@ def test_flow_matching_target_is_noise_minus_x0():
 def test_sampled_timesteps_follow_the_resolution_shift():
     model = tiny_model()
     torch.manual_seed(0)
-    small = model.sample_timesteps([256] * 4000)
-    large = model.sample_timesteps([4096] * 4000)
+    small = model.sample_timesteps([64] * 4000)
+    large = model.sample_timesteps([1024] * 4000)
     assert bool(((small > 0) & (small < 1)).all()) and bool(((large > 0) & (large < 1)).all())
     assert large.median() > small.median() > 0.5
-    assert abs(model.config.flow_shift_for(4096) - torch.tensor(1.15).exp().item()) < 1e-6
+
+
+@pytest.mark.parametrize("side, shift", [(256, 1.6487), (512, 1.8776), (1024, 3.1582)])
+def test_the_shift_depends_on_pixels_as_flux_does_on_16_pixel_tokens(side, shift):
+    """EMMA's 32-px tokens: the same image sizes as FLUX's 256 and 4096 16-px tokens anchor the schedule."""
+    config = tiny_model().config
+    assert abs(config.flow_shift_for(config.num_image_tokens(side, side)) - shift) < 1e-4
+    flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)  # diffusers' FLUX defaults: 256 -> 4096 tokens
+    slope = (flux.config.max_shift - flux.config.base_shift) / (4096 - 256)
+    flux_mu = flux.config.base_shift + slope * ((side // 16) ** 2 - 256)
+    assert abs(math.exp(flux_mu) - shift) < 1e-4
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -217,7 +217,10 @@ class EmmaConfig(PreTrainedConfig):
             `exp(mu)` where `mu` grows linearly with the image's token count from `flow_base_shift` at
             `flow_base_image_seq_len` to `flow_max_shift` at `flow_max_image_seq_len` (the schedule of diffusers'
             `FlowMatchEulerDiscreteScheduler` with dynamic shifting); `flow_shift` replaces it when
-            `flow_use_dynamic_shifting` is False.
+            `flow_use_dynamic_shifting` is False. FLUX's constants (0.5 at 256 tokens, 1.15 at 4096) count 16-px
+            tokens; EMMA's tokens cover 32x32 pixels, so the same image sizes are 64 and 1024 tokens here: a 256²
+            image gets shift 1.65, 512² 1.88 and 1024² 3.16, the shifts FLUX gives those sizes (SANA, also 32-px,
+            uses a fixed 3.0 at 1024²).
         ce_weight / fm_weight (`float`): loss = ce_weight * cross-entropy + fm_weight * flow-matching MSE.
     """
 
@@ -257,8 +260,8 @@ class EmmaConfig(PreTrainedConfig):
     flow_shift: float = 3.0
     flow_base_shift: float = 0.5
     flow_max_shift: float = 1.15
-    flow_base_image_seq_len: int = 256
-    flow_max_image_seq_len: int = 4096
+    flow_base_image_seq_len: int = 64
+    flow_max_image_seq_len: int = 1024
     flow_weighting_scheme: str = "logit_normal"
     flow_logit_mean: float = 0.0
     flow_logit_std: float = 1.0

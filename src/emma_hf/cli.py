@@ -81,7 +81,7 @@ def require_known_words(processor: EmmaProcessor, text: str) -> None:
     """Stop before any work when `text` uses words a closed-vocabulary model (the shipped one) never learnt."""
     unknown = processor.unknown_words(text)
     if unknown:
-        raise ValueError(processor.unknown_words_message(unknown))
+        raise ValueError(f"{processor.unknown_words_message(unknown)}. Rephrase with those words.")
 
 
 def generate(args: argparse.Namespace) -> None:

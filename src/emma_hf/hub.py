@@ -56,6 +56,10 @@ CARD_DEFAULTS = {
         "Answers can be wrong and images can miss parts of the prompt; the model carries the biases of its training "
         "data. Not stated further by the exporter: describe the known failure modes here."
     ),
+    # The usage examples: a checkpoint with a narrow domain gives what it answers and draws.
+    "example_question": "What is this?",
+    "example_prompt": "a red circle above a blue square",
+    "example_edit": "make the circle green",
 }
 
 

@@ -411,15 +411,16 @@ class EmmaProcessor(ProcessorMixin):
         """What to tell a user whose text holds `unknown` words."""
         listed = ", ".join(repr(word) for word in unknown)
         return (
-            f"{listed} {'is' if len(unknown) == 1 else 'are'} outside the words this checkpoint was trained on, so "
-            f"it may answer nothing or draw something else; it knows: {' '.join(self.known_words)}"
+            f"{listed} {'is' if len(unknown) == 1 else 'are'} outside the words this checkpoint was trained on; "
+            f"it knows: {' '.join(self.known_words)}"
         )
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """transformers' chat templating, warning ([`UnknownWordsWarning`]) about words outside `known_words`."""
         unknown = self.unknown_words(" ".join(message_texts(conversation)))
         if unknown:
-            warnings.warn(self.unknown_words_message(unknown), UnknownWordsWarning, stacklevel=2)
+            message = self.unknown_words_message(unknown) + " (it may answer nothing, or draw something else)"
+            warnings.warn(message, UnknownWordsWarning, stacklevel=2)
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
     def generation_prompt(self, prompt: str, with_image: bool = False) -> str:

@@ -50,6 +50,9 @@ SHIPPED_CARD = {
         "caps image fidelity (its own reconstructions pass the checker on 37 of 40 scenes). Guidance above 3 makes "
         "the images worse."
     ),
+    "example_question": "describe the image.",
+    "example_prompt": "a red circle at the top left",
+    "example_edit": "make the red circle green",
 }
 TEXT_CONFIG = {
     "model_type": "qwen3",

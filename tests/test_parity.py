@@ -4,6 +4,7 @@ import pytest
 import torch
 from builders import tiny_model
 from transformers import Siglip2VisionModel
+from transformers.masking_utils import create_bidirectional_mask
 
 from emma_hf.convert import qwen3_from_emma
 from emma_hf.modeling_emma import EmmaVisionMoeEncoderLayer, patchify
@@ -111,3 +112,37 @@ def test_router_modes_pick_one_expert_or_mix():
     assert torch.allclose(soft.sum(-1), torch.ones(3)) and bool((soft > 0).all())
     assert torch.equal(top1.argmax(-1), soft.argmax(-1))
     assert torch.equal(tower.route(embeddings, mask, "stem"), torch.tensor([[0.0, 1.0]] * 3))
+
+
+def test_the_router_reads_the_hidden_state_entering_the_first_moe_layer_and_learns_top1(monkeypatch):
+    emma = tiny_model(seed=9)  # MoE in SigLIP2 layers 1 and 2 of 0-2
+    tower = emma.model.vision_tower
+    with torch.no_grad():
+        for layer in tower.encoder.layers:
+            if isinstance(layer, EmmaVisionMoeEncoderLayer):
+                for parameter in layer.mlp.experts[1].parameters():
+                    parameter.normal_()
+    patches = patchify(random_image(64, 64, seed=3), emma.config.vision_config.patch_size)[None]
+    mask, shapes = torch.ones(1, patches.shape[1], dtype=torch.long), torch.tensor([[4, 4]])
+    seen = {}
+    route = tower.route
+
+    def record(hidden_states, patch_mask, mode):
+        seen["hidden_states"] = hidden_states.detach().clone()
+        return route(hidden_states, patch_mask, mode)
+
+    monkeypatch.setattr(tower, "route", record)
+    top1 = tower(patches, mask, shapes, router_mode="top1")
+    encoder_mask = create_bidirectional_mask(
+        config=tower.config, inputs_embeds=tower.embeddings(patches, shapes), attention_mask=mask
+    )
+    with torch.no_grad():
+        entering = tower.encoder.layers[0](tower.embeddings(patches, shapes), encoder_mask)
+    assert torch.allclose(seen["hidden_states"], entering, atol=1e-6)
+
+    # Straight-through top-1: the forward pass is the chosen expert's alone, and the router gets a gradient.
+    chosen = "versatile" if route(seen["hidden_states"], mask, "soft").argmax() == 0 else "stem"
+    with torch.no_grad():
+        assert torch.equal(top1, tower(patches, mask, shapes, router_mode=chosen))
+    top1.square().sum().backward()
+    assert tower.router.weight.grad is not None and bool(tower.router.weight.grad.abs().sum() > 0)

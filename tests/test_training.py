@@ -283,8 +283,8 @@ def test_a_stages_router_mode_holds_while_training_and_is_never_saved(toy, tmp_p
     saved = json.loads((tmp_path / "expert" / "config.json").read_text())
     assert saved["vision_router_mode"] == "versatile" and "training_router_mode" not in saved
 
-    apply_stage(model, "moe-router")  # router tuning trains soft routing for top-1 inference
-    assert model.train().model.router_mode == "soft" and model.config.vision_router_mode == "top1"
+    apply_stage(model, "moe-router")  # router tuning trains top-1 routing, as inference routes
+    assert model.train().model.router_mode == "top1" and model.config.vision_router_mode == "top1"
     model.save_pretrained(tmp_path / "router")
     assert json.loads((tmp_path / "router" / "config.json").read_text())["vision_router_mode"] == "top1"
     reloaded = type(model).from_pretrained(tmp_path / "router").train()

@@ -423,8 +423,9 @@ class EmmaVisionMoeEncoderLayer(Siglip2EncoderLayer):
 class EmmaVisionTower(nn.Module):
     """
     SigLIP2 vision encoder (NaFlex patches, no pooling head) whose `vision_moe_layers` have expert MLPs. One router,
-    a linear layer on the mean of each image's patch embeddings, decides once per image for all MoE layers.
-    With the router forced to `versatile` it computes exactly `Siglip2VisionModel`'s `last_hidden_state`.
+    a linear layer on the mean of each image's hidden state as it enters the first MoE layer (what the encoder has
+    understood of the image by then, not just its mean colour), decides once per image for all MoE layers. With the
+    router forced to `versatile` it computes exactly `Siglip2VisionModel`'s `last_hidden_state`.
     """
 
     def __init__(self, config: EmmaConfig):
@@ -438,31 +439,38 @@ class EmmaVisionTower(nn.Module):
         self.post_layernorm = nn.LayerNorm(vision_config.hidden_size, eps=vision_config.layer_norm_eps)
         self.router = nn.Linear(vision_config.hidden_size, config.vision_num_experts)
 
-    def route(self, embeddings: torch.Tensor, patch_mask: torch.Tensor, mode: str) -> torch.Tensor:
-        """Expert weights `(num_images, num_experts)`: one-hot except in `soft` mode."""
+    def route(self, hidden_states: torch.Tensor, patch_mask: torch.Tensor, mode: str) -> torch.Tensor:
+        """
+        Expert weights `(num_images, num_experts)`: one-hot except in `soft` mode. `top1` is straight-through: the
+        forward uses the chosen expert alone, as at inference, while the router learns through the softmax.
+        """
         num_experts = self.router.out_features
         if mode in ("versatile", "stem"):
-            choice = torch.full((embeddings.shape[0],), 0 if mode == "versatile" else 1, device=embeddings.device)
-            return F.one_hot(choice, num_experts).to(embeddings.dtype)
-        weights = patch_mask.to(embeddings.dtype)[..., None]
-        pooled = (embeddings * weights).sum(1) / weights.sum(1).clamp(min=1)
-        logits = self.router(pooled)
+            choice = torch.full(
+                (hidden_states.shape[0],), 0 if mode == "versatile" else 1, device=hidden_states.device
+            )
+            return F.one_hot(choice, num_experts).to(hidden_states.dtype)
+        weights = patch_mask.to(hidden_states.dtype)[..., None]
+        pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        probabilities = self.router(pooled).softmax(-1)
         if mode == "soft":
-            return logits.softmax(-1)
-        return F.one_hot(logits.argmax(-1), num_experts).to(embeddings.dtype)
+            return probabilities
+        chosen = F.one_hot(probabilities.argmax(-1), num_experts).to(hidden_states.dtype)
+        return chosen + (probabilities - probabilities.detach())  # exactly one-hot in value
 
     def forward(
         self, patches: torch.Tensor, patch_mask: torch.Tensor, spatial_shapes: torch.Tensor, router_mode: str
     ) -> torch.Tensor:
         """`patches` `(N, max_patches, 3*p*p)` as SigLIP2's processor lays them out; returns `(N, max_patches, C)`."""
         hidden_states = self.embeddings(patches, spatial_shapes)
-        expert_weights = self.route(hidden_states, patch_mask, router_mode)
         encoder_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden_states, attention_mask=patch_mask
         )
-        hidden_states = self.encoder(
-            inputs_embeds=hidden_states, attention_mask=encoder_mask, expert_weights=expert_weights
-        ).last_hidden_state
+        expert_weights = None
+        for layer in self.encoder.layers:
+            if isinstance(layer, EmmaVisionMoeEncoderLayer) and expert_weights is None:
+                expert_weights = self.route(hidden_states, patch_mask, router_mode)
+            hidden_states = layer(hidden_states, encoder_mask, expert_weights=expert_weights)
         return self.post_layernorm(hidden_states)
 
 

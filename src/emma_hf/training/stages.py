@@ -32,8 +32,8 @@ class StagePreset:
     """
     trains: which parameter names train (all others are frozen).
     router_mode: the vision router mode while training (never saved): stages 0-3 run the original SigLIP2 MLP
-        (`versatile`), the expert-tuning stage forces `stem`, the router-tuning stage mixes experts (`soft`) so the
-        router gets a gradient.
+        (`versatile`), the expert-tuning stage forces `stem`, the router-tuning stage routes top-1 as inference will,
+        the router learning through a straight-through estimator.
     inference_router_mode: what the checkpoint routes with once the stage has trained (`config.vision_router_mode`):
         `top1` after router tuning; None leaves the checkpoint's mode.
     task_ratios: default mix of understanding / text-to-image / edit samples.
@@ -106,7 +106,7 @@ STAGES = {
             "moe-router",
             "stage 4 (RT): the vision router only",
             is_router,
-            "soft",
+            "top1",
             {"understanding": 1.0},
             1e-4,
             inference_router_mode="top1",

@@ -173,3 +173,11 @@ def test_the_shipped_models_words_are_documented():
     shapes_doc = (ROOT / "docs" / "shapes.md").read_text()
     listed = re.search(r"<!-- known words -->\n(.*?)\n<!-- /known words -->", shapes_doc, flags=re.DOTALL)
     assert listed and set(words_of(listed.group(1))) == known
+
+
+def test_ci_runs_the_readmes_test_command_and_fails_with_it():
+    """The one block not run here is run by `.ci/run`, word for word, and its failure fails CI."""
+    (test_command,) = [block.code.strip() for block in BLOCKS if block.section == "Test it"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f"\n{test_command} || failed 1\n" in ci
+    assert "set -euo pipefail" in ci

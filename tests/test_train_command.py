@@ -225,3 +225,14 @@ def test_a_lora_recipe_starts_from_the_same_adapter_every_time(workspace):
     assert starts[0].keys() == starts[2].keys() and starts[0]
     assert all(torch.equal(starts[0][n], starts[1][n]) for n in starts[0])
     assert not all(torch.equal(starts[0][n], starts[2][n]) for n in starts[0])
+
+
+def test_a_closed_vocabulary_learns_the_words_of_its_training_data(workspace):
+    model, processor = tiny_chat_model(seed=0)
+    processor.known_words = ["zebra"]
+    export_checkpoint(model, processor, workspace / "closed")
+    config = write_config(workspace, "closed-run", model="closed", training={"max_steps": 1, "save_strategy": "no"})
+    assert main(["train", config]) == 0
+    known = json.loads((workspace / "closed-run" / "final" / "processor_config.json").read_text())["known_words"]
+    assert {"zebra", "what", "colour", "square", "draw", "make", "red"} <= set(known)
+    assert "the" in known and not [word for word in known if word != word.lower()]

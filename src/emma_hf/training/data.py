@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -36,6 +36,7 @@ from ..processing_emma import (
     VISION_START_TOKEN,
     EmmaProcessor,
     UnknownWordsWarning,
+    message_texts,
 )
 
 
@@ -93,6 +94,21 @@ class JsonlDataset(Dataset):
                     raise
                 logger.warning("skipping a bad sample: %s", error)
         raise DataError(f"{self.path}: every sample is bad")
+
+    def texts(self) -> Iterator[str]:
+        """The text of every well-formed line (prompts, instructions, messages), without opening any image."""
+        with self.path.open("rb") as file:
+            for line in file:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if not isinstance(record, dict):
+                    continue
+                if self.task == "understanding":
+                    yield from message_texts(record.get("messages") or [])
+                elif isinstance(record.get("prompt" if self.task == "text_to_image" else "instruction"), str):
+                    yield record["prompt" if self.task == "text_to_image" else "instruction"]
 
     def read(self, position: int) -> dict:
         where = f"{self.path}:{self.line_numbers[position]}"

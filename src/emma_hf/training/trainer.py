@@ -35,6 +35,7 @@ import yaml
 from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from ..processing_emma import EmmaProcessor, words_of
 from .data import TASKS, EmmaCollator, JsonlDataset, TaskMixture
 from .lora import LORA_PRESETS, emma_lora_config
 from .stages import apply_stage, get_stage
@@ -281,8 +282,17 @@ def run_training(config: TrainConfig) -> EmmaTrainer:
         else:
             from ..hub import export_checkpoint
 
-            export_checkpoint(model, trainer.processing_class, final, training=training_summary(config, trainer))
+            processor = with_learnt_words(trainer.processing_class, trainer.train_dataset.datasets.values())
+            export_checkpoint(model, processor, final, training=training_summary(config, trainer))
     return trainer
+
+
+def with_learnt_words(processor: EmmaProcessor, datasets) -> EmmaProcessor:
+    """A closed-vocabulary processor (`known_words`) grown by the words of the training data: the model learnt them."""
+    if processor.known_words is not None:
+        learnt = {word for dataset in datasets for text in dataset.texts() for word in words_of(text)}
+        processor.known_words = sorted(set(processor.known_words) | learnt)
+    return processor
 
 
 def training_summary(config: TrainConfig, trainer: EmmaTrainer) -> str:

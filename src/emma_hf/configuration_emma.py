@@ -155,14 +155,19 @@ def vae_spatial_compression(vae_config: dict) -> int:
     return 2 ** (len(vae_config["encoder_block_out_channels"]) - 1)
 
 
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def is_non_negative_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
 # Sampler settings a checkpoint may fix for `EmmaPipeline` (`EmmaConfig.image_sampler_defaults`), with their checks.
 SAMPLER_SETTINGS = {
-    "num_inference_steps": ("an integer >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-    "guidance_scale": ("a number >= 0", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0),
-    "image_guidance_scale": (
-        "a number >= 0",
-        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-    ),
+    "num_inference_steps": ("an integer >= 1", is_positive_int),
+    "guidance_scale": ("a number >= 0", is_non_negative_number),
+    "image_guidance_scale": ("a number >= 0", is_non_negative_number),
 }
 
 

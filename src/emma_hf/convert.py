@@ -113,16 +113,17 @@ def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[st
 
 
 @torch.no_grad()
-def mean_initialize_tokens(model: EmmaForConditionalGeneration, token_ids: range, num_trained_tokens: int) -> None:
+def mean_initialize_tokens(model: EmmaForConditionalGeneration, num_trained_tokens: int, num_tokens: int) -> None:
     """
-    Start the rows of tokens EMMA adds at the mean of the tokenizer's own rows: Qwen3 pads its embeddings beyond its
-    tokenizer (151936 rows for 151669 tokens), so added tokens land on padding rows that were never trained.
+    Start the rows of the tokens EMMA adds (ids `num_trained_tokens` to `num_tokens`) at the mean of the tokenizer's
+    own rows: Qwen3 pads its embeddings beyond its tokenizer (151936 rows for 151669 tokens), so added tokens land on
+    padding rows that were never trained.
     """
     matrices = [model.get_input_embeddings().weight]
     if not model.config.tie_word_embeddings:
         matrices.append(model.get_output_embeddings().weight)
     for matrix in matrices:
-        matrix[token_ids.start : token_ids.stop] = matrix[:num_trained_tokens].float().mean(0).to(matrix.dtype)
+        matrix[num_trained_tokens:num_tokens] = matrix[:num_trained_tokens].float().mean(0).to(matrix.dtype)
 
 
 def build_emma_from_components(
@@ -168,7 +169,7 @@ def build_emma_from_components(
         read_safetensors(vae, DIFFUSERS_WEIGHTS_NAME),
     )
     load_component_weights(model, weights)
-    mean_initialize_tokens(model, range(num_trained_tokens, len(processor.tokenizer)), num_trained_tokens)
+    mean_initialize_tokens(model, num_trained_tokens, len(processor.tokenizer))
     model.model.initialize_gen_stream_from_und()
     model.model.initialize_experts_from_versatile()
     with torch.no_grad():

@@ -417,14 +417,9 @@ class EmmaPipeline(DiffusionPipeline):
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_inference_steps, guidance_scale, image_guidance_scale = (
-            self.sampler_setting(name, value)
-            for name, value in (
-                ("num_inference_steps", num_inference_steps),
-                ("guidance_scale", guidance_scale),
-                ("image_guidance_scale", image_guidance_scale),
-            )
-        )
+        num_inference_steps = self.sampler_setting("num_inference_steps", num_inference_steps)
+        guidance_scale = self.sampler_setting("guidance_scale", guidance_scale)
+        image_guidance_scale = self.sampler_setting("image_guidance_scale", image_guidance_scale)
         self.check_inputs(
             prompt,
             image,

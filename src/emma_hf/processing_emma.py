@@ -78,13 +78,12 @@ def words_of(text: str) -> list[str]:
     return WORD_PATTERN.findall(text.lower())
 
 
-def message_texts(conversation) -> list[str]:
+def message_texts(conversation: list) -> list[str]:
     """Every text of a chat (a list of messages) or of a batch of chats, in order."""
-    if isinstance(conversation, dict) or (conversation and isinstance(conversation[0], dict)):
-        conversation = [conversation]
+    chats = [conversation] if conversation and isinstance(conversation[0], dict) else conversation
     texts = []
-    for chat in conversation:
-        for message in [chat] if isinstance(chat, dict) else chat:
+    for chat in chats:
+        for message in chat:
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, str):
                 texts.append(content)

@@ -105,10 +105,11 @@ class JsonlDataset(Dataset):
                     continue
                 if not isinstance(record, dict):
                     continue
-                if self.task == "understanding":
-                    yield from message_texts(record.get("messages") or [])
-                elif isinstance(record.get("prompt" if self.task == "text_to_image" else "instruction"), str):
-                    yield record["prompt" if self.task == "text_to_image" else "instruction"]
+                if self.task == "understanding" and isinstance(record.get("messages"), list):
+                    yield from message_texts(record["messages"])
+                text = record.get({"text_to_image": "prompt", "edit": "instruction"}.get(self.task))
+                if isinstance(text, str):
+                    yield text
 
     def read(self, position: int) -> dict:
         where = f"{self.path}:{self.line_numbers[position]}"
@@ -203,6 +204,10 @@ class TaskMixture(Dataset):
         return {**self.datasets[task][position], "index": index}
 
 
+def is_probability(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+
 @dataclass
 class EmmaCollator:
     """
@@ -230,9 +235,8 @@ class EmmaCollator:
 
     def __post_init__(self):
         for name in ("text_dropout", "image_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-                raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+            if not is_probability(getattr(self, name)):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         rows, context_images, targets, target_indices = [], [], [], []

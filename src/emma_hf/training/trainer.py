@@ -36,7 +36,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, Tr
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..processing_emma import EmmaProcessor, words_of
-from .data import TASKS, EmmaCollator, JsonlDataset, TaskMixture
+from .data import TASKS, EmmaCollator, JsonlDataset, TaskMixture, is_probability
 from .lora import LORA_PRESETS, emma_lora_config
 from .stages import apply_stage, get_stage
 
@@ -195,9 +195,7 @@ class TrainConfig:
                 raise TypeError(f"{name} must be a non-negative integer or null, got {value!r}")
         for name in ("text_dropout", "image_dropout"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1
-            ):
+            if value is not None and not is_probability(value):
                 raise ValueError(f"{name} must be a probability in [0, 1] or null, got {value!r}")
         if self.on_data_error not in ("raise", "skip"):
             raise ValueError(f"on_data_error must be 'raise' or 'skip', got {self.on_data_error!r}")
@@ -282,17 +280,16 @@ def run_training(config: TrainConfig) -> EmmaTrainer:
         else:
             from ..hub import export_checkpoint
 
-            processor = with_learnt_words(trainer.processing_class, trainer.train_dataset.datasets.values())
-            export_checkpoint(model, processor, final, training=training_summary(config, trainer))
+            add_learnt_words(trainer.processing_class, trainer.train_dataset.datasets.values())
+            export_checkpoint(model, trainer.processing_class, final, training=training_summary(config, trainer))
     return trainer
 
 
-def with_learnt_words(processor: EmmaProcessor, datasets) -> EmmaProcessor:
-    """A closed-vocabulary processor (`known_words`) grown by the words of the training data: the model learnt them."""
+def add_learnt_words(processor: EmmaProcessor, datasets) -> None:
+    """Grow a closed-vocabulary processor's `known_words` by the words of the training data: the model learnt them."""
     if processor.known_words is not None:
         learnt = {word for dataset in datasets for text in dataset.texts() for word in words_of(text)}
         processor.known_words = sorted(set(processor.known_words) | learnt)
-    return processor
 
 
 def training_summary(config: TrainConfig, trainer: EmmaTrainer) -> str:

@@ -3,6 +3,7 @@ The shapes world's DC-AE: a small diffusers `AutoencoderDC` (32x downsampling, 3
 reconstruct rendered scenes with the transformers `Trainer` (L1 + MSE on pixels in [-1, 1]).
 """
 
+import os
 import random
 
 import numpy as np
@@ -80,9 +81,14 @@ def train_autoencoder(
     learning_rate: float = 1e-3,
     canvas: int = 96,
     seed: int = 0,
+    resume: bool = False,
 ) -> AutoencoderDC:
-    """Train the shapes DC-AE on freshly rendered scenes; save it (with its latent scaling factor) to `output_dir/final`."""
+    """
+    Train the shapes DC-AE on freshly rendered scenes; save it (with its latent scaling factor) to `output_dir/final`.
+    With `resume`, training continues from the last checkpoint in `output_dir`, if any.
+    """
     from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
 
     torch.manual_seed(seed)
     autoencoder = AutoencoderDC(**SHAPES_DC_AE_CONFIG)
@@ -102,7 +108,9 @@ def train_autoencoder(
         use_cpu=not torch.cuda.is_available(),
     )
     scenes = RenderedScenes(max_steps * batch_size, seed, canvas)
-    Trainer(model=AutoencoderReconstruction(autoencoder), args=arguments, train_dataset=scenes).train()
+    checkpoint = get_last_checkpoint(output_dir) if resume and os.path.isdir(output_dir) else None
+    trainer = Trainer(model=AutoencoderReconstruction(autoencoder), args=arguments, train_dataset=scenes)
+    trainer.train(resume_from_checkpoint=checkpoint)
     autoencoder.register_to_config(
         scaling_factor=latent_scaling_factor(autoencoder.eval(), RenderedScenes(256, seed + 1, canvas))
     )

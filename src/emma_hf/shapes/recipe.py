@@ -1,25 +1,34 @@
 """
-The shapes model's recipe, step by step (docs/shapes.md gives the commands and their times):
+The shapes model's recipe. `run` makes every step of a recipe file whose output is missing, so it can be stopped and
+started again (docs/shapes.md gives the times):
 
-    python -m emma_hf.shapes.recipe autoencoder runs/shapes-ae             # the small DC-AE
-    python -m emma_hf.shapes.recipe data runs/shapes/data                  # training JSONL + PNGs (seed 0)
-    python -m emma_hf.shapes.recipe init runs/shapes/init --autoencoder runs/shapes-ae/final
-    emma-hf train examples/shapes/stage0-align.yaml                        # ... then stage1, 2, 2b, 3
+    python -m emma_hf.shapes.recipe run examples/shapes/recipe.yaml        # DC-AE, data, init, stages 0-3
     python -m emma_hf.shapes.recipe ship runs/shapes/stage3-quality/final  # bf16 copy into the package
+
+The steps one by one:
+
+    python -m emma_hf.shapes.recipe autoencoder runs/shapes/autoencoder    # the small DC-AE
+    python -m emma_hf.shapes.recipe data runs/shapes/data                  # training JSONL + PNGs (seed 0)
+    python -m emma_hf.shapes.recipe init runs/shapes/init --autoencoder runs/shapes/autoencoder/final
+    emma-hf train examples/shapes/stage0-align.yaml                        # ... then stage1, 2, 3
 """
 
 import argparse
+import os
 import shutil
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import yaml
 from diffusers import AutoencoderDC
 
 from ..configuration_emma import EmmaConfig
 from ..hub import export_checkpoint
 from ..modeling_emma import EmmaForConditionalGeneration
 from ..processing_emma import EmmaImageProcessor, EmmaProcessor
+from ..training import TrainConfig, run_training
 from .autoencoder import train_autoencoder
 from .data import corpus, vocabulary, write_training_data
 from .tokenizer import train_bpe_tokenizer
@@ -79,8 +88,9 @@ VISION_CONFIG = {
 # A 96-px canvas is a 3x3 token grid; spreading its cells 8 apart triples the distance between their sin-cos
 # embeddings, without which context-image positions were learnt too slowly for `where` questions and edits.
 IMAGE_POSITION_SCALE = 8.0
-# Data sizes of the shipped model (seed 0); evaluation uses other seeds.
-NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS = 6000, 3000, 3000
+# Defaults of the single steps; examples/shapes/recipe.yaml holds the shipped model's values.
+AUTOENCODER_STEPS = 5000
+NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS = 12000, 12000, 12000
 
 
 def initial_model(autoencoder_path: str | Path, seed: int = 0) -> tuple[EmmaForConditionalGeneration, EmmaProcessor]:
@@ -140,12 +150,88 @@ def ship(checkpoint: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
     return destination
 
 
+@dataclass
+class Recipe:
+    """A recipe file (examples/shapes/recipe.yaml); its paths are relative to the file, like `emma-hf train`'s."""
+
+    autoencoder: dict
+    data: dict
+    init: str
+    stages: list[str]
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe file not found: {str(path)!r}")
+        raw = yaml.safe_load(path.read_text())
+        expected = {f.name for f in fields(cls)}
+        if not isinstance(raw, dict) or set(raw) != expected:
+            raise ValueError(f"{path}: a recipe maps exactly {sorted(expected)}; got {raw!r}")
+        if set(raw["autoencoder"]) != {"output", "steps"}:
+            raise ValueError(f"{path}: autoencoder needs output and steps, got {raw['autoencoder']!r}")
+        if set(raw["data"]) != {"output", "seed", "questions", "prompts", "edits"}:
+            raise ValueError(f"{path}: data needs output, seed, questions, prompts and edits, got {raw['data']!r}")
+        base = path.parent
+        recipe = cls(**raw)
+        recipe.autoencoder = {**recipe.autoencoder, "output": os.path.normpath(base / recipe.autoencoder["output"])}
+        recipe.data = {**recipe.data, "output": os.path.normpath(base / recipe.data["output"])}
+        recipe.init = os.path.normpath(base / recipe.init)
+        recipe.stages = [os.path.normpath(base / stage) for stage in recipe.stages]
+        return recipe
+
+    def stage_outputs(self) -> list[str]:
+        """Each stage's `output_dir`, checked to start from the output of the step before."""
+        outputs, previous = [], self.init
+        for stage in self.stages:
+            raw = yaml.safe_load(Path(stage).read_text())
+            model = os.path.normpath(Path(stage).parent / raw["model"])
+            if model != previous:
+                raise ValueError(f"{stage}: model must be {previous!r}, the previous step's output; got {model!r}")
+            outputs.append(os.path.normpath(Path(stage).parent / raw["output_dir"]))
+            previous = os.path.join(outputs[-1], "final")
+        return outputs
+
+
+def is_done(checkpoint: str | Path) -> bool:
+    """An exported checkpoint is complete once its model card, written last, exists."""
+    return (Path(checkpoint) / "README.md").is_file()
+
+
+def run_recipe(path: str | Path) -> str:
+    """
+    Every step of the recipe file that has not finished, in order; a training step stopped part-way resumes from its
+    last checkpoint. Returns the last stage's checkpoint.
+    """
+    recipe = Recipe.from_yaml(path)
+    outputs = recipe.stage_outputs()
+    autoencoder = os.path.join(recipe.autoencoder["output"], "final")
+    if not (Path(autoencoder) / "config.json").is_file():
+        train_autoencoder(recipe.autoencoder["output"], recipe.autoencoder["steps"], canvas=CANVAS, resume=True)
+    data = recipe.data
+    if not all(
+        (Path(data["output"]) / f"{task}.jsonl").is_file() for task in ("understanding", "text_to_image", "edit")
+    ):
+        write_training_data(data["output"], data["seed"], data["questions"], data["prompts"], data["edits"], CANVAS)
+    if not is_done(recipe.init):
+        model, processor = initial_model(autoencoder)
+        export_checkpoint(model, processor, recipe.init, model_name="shapes-emma-init")
+    for stage, output in zip(recipe.stages, outputs):
+        if not is_done(os.path.join(output, "final")):
+            config = TrainConfig.from_yaml(stage)
+            config.resume = True
+            run_training(config)
+    return os.path.join(outputs[-1], "final")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m emma_hf.shapes.recipe", description=__doc__.split("\n\n")[0])
     steps = parser.add_subparsers(dest="step", required=True)
+    run = steps.add_parser("run", help="every step of a recipe file that has not finished (resumable)")
+    run.add_argument("recipe", help="e.g. examples/shapes/recipe.yaml")
     autoencoder = steps.add_parser("autoencoder", help="train the DC-AE")
     autoencoder.add_argument("output")
-    autoencoder.add_argument("--steps", type=int, default=2500)
+    autoencoder.add_argument("--steps", type=int, default=AUTOENCODER_STEPS)
     data = steps.add_parser("data", help="write the training data")
     data.add_argument("output")
     data.add_argument("--seed", type=int, default=0, help="seed of the scenes (evaluation uses 1234)")
@@ -158,7 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     shipping = steps.add_parser("ship", help="copy a trained checkpoint into the package (bf16)")
     shipping.add_argument("checkpoint")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.step == "autoencoder":
+    if args.step == "run":
+        print(f"wrote {run_recipe(args.recipe)}")
+    elif args.step == "autoencoder":
         train_autoencoder(args.output, max_steps=args.steps, canvas=CANVAS)
         print(f"wrote {args.output}")
     elif args.step == "data":

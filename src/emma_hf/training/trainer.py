@@ -32,8 +32,16 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoModelForImageTextToText, AutoProcessor, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Trainer,
+    TrainerState,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
 from ..processing_emma import EmmaProcessor, words_of
 from .data import TASKS, EmmaCollator, JsonlDataset, TaskMixture, is_probability
@@ -268,10 +276,15 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
 def run_training(config: TrainConfig) -> EmmaTrainer:
     """Train, then save: the adapter (LoRA) or an exported checkpoint, under `output_dir/final`."""
     trainer = build_trainer(config)
-    resume = config.resume
-    if resume is True and not list(Path(config.output_dir).glob("checkpoint-*")):
-        resume = False
-    trainer.train(resume_from_checkpoint=resume or None)
+    checkpoint = config.resume
+    if checkpoint is True:
+        checkpoint = get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
+    if checkpoint and reached_max_steps(checkpoint, trainer.args):
+        # The Trainer would run one more step from a checkpoint at max_steps; a finished run is only exported.
+        trainer._load_from_checkpoint(checkpoint)
+        trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    else:
+        trainer.train(resume_from_checkpoint=checkpoint or None)
     final = Path(config.output_dir) / "final"
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -283,6 +296,11 @@ def run_training(config: TrainConfig) -> EmmaTrainer:
             add_learnt_words(trainer.processing_class, trainer.train_dataset.datasets.values())
             export_checkpoint(model, trainer.processing_class, final, training=training_summary(config, trainer))
     return trainer
+
+
+def reached_max_steps(checkpoint: str, arguments: TrainingArguments) -> bool:
+    state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    return state.global_step >= (arguments.max_steps if arguments.max_steps > 0 else state.max_steps)
 
 
 def add_learnt_words(processor: EmmaProcessor, datasets) -> None:

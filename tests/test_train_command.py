@@ -80,6 +80,18 @@ def test_condition_dropout_comes_from_the_stage_unless_the_recipe_sets_it(worksp
         TrainConfig.from_yaml(write_config(workspace, "bad", text_dropout=2))
 
 
+def test_the_context_pixel_budget_comes_from_the_stage_unless_the_recipe_sets_it(workspace):
+    assert (
+        build_trainer(TrainConfig.from_yaml(write_config(workspace, "sft"))).data_collator.max_context_pixels is None
+    )
+    pretrain = build_trainer(TrainConfig.from_yaml(write_config(workspace, "pretrain", stage="pretrain")))
+    assert pretrain.data_collator.max_context_pixels == 512 * 512
+    chosen = build_trainer(TrainConfig.from_yaml(write_config(workspace, "chosen", max_context_pixels=32 * 32)))
+    assert chosen.data_collator.context_size == {"min_pixels": 32 * 32, "max_pixels": 32 * 32}
+    with pytest.raises(TypeError, match="max_context_pixels must be a positive integer or null, got 'big'"):
+        TrainConfig.from_yaml(write_config(workspace, "bad", max_context_pixels="big"))
+
+
 def test_resumed_run_continues_with_the_same_optimiser_state(workspace):
     reference = workspace / "full"
     if not (reference / "checkpoint-6").exists():

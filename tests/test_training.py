@@ -5,10 +5,10 @@ import warnings
 
 import pytest
 import torch
-from builders import noise_image, tiny_chat_model, write_toy_dataset
+from builders import noise_image, tiny_chat_model, tiny_processor, write_toy_dataset
 from peft import PeftModel, get_peft_model
 
-from emma_hf import EmmaPipeline
+from emma_hf import EmmaImageProcessor, EmmaPipeline, EmmaProcessor
 from emma_hf.processing_emma import UnknownWordsWarning
 from emma_hf.training import (
     STAGES,
@@ -207,6 +207,30 @@ def test_training_data_may_teach_a_closed_vocabulary_new_words(toy):
     assert batch["target_pixel_values"].shape == (1, 3, 32, 32)
     with pytest.warns(UnknownWordsWarning, match="'a', 'cat'"):
         processor.generation_prompt("a cat")
+
+
+def test_context_images_are_read_within_the_pixel_budget_and_targets_are_not():
+    model, _ = tiny_chat_model()
+    processor = tiny_processor(max_pixels=128 * 128)
+    sample = {**edit_sample(0), "images": [noise_image(128, 128, 0)], "target": noise_image(128, 128, 1)}
+    batch = EmmaCollator(processor, model.config, max_context_pixels=64 * 64)([sample])
+    assert batch["pixel_values"].shape[-2:] == batch["vae_pixel_values"].shape[-2:] == (64, 64)
+    assert batch["target_pixel_values"].shape[-2:] == (128, 128)
+    assert (batch["input_ids"] == model.config.image_token_id).sum() == 4  # a 2x2 token grid
+    assert model(**batch).loss.isfinite()
+    unbudgeted = EmmaCollator(processor, model.config)([sample])
+    assert unbudgeted["pixel_values"].shape[-2:] == (128, 128)
+
+    fixed_size = EmmaProcessor(EmmaImageProcessor(size={"height": 96, "width": 160}), processor.tokenizer)
+    assert EmmaCollator(fixed_size, model.config, max_context_pixels=64 * 96).context_size == {
+        "height": 64,
+        "width": 96,
+    }
+    assert EmmaCollator(fixed_size, model.config, max_context_pixels=96 * 160).context_size is None
+    with pytest.raises(
+        ValueError, match=r"max_context_pixels must be an integer of at least patch_size\*\*2 \(1024\)"
+    ):
+        EmmaCollator(processor, model.config, max_context_pixels=100)
 
 
 def edit_sample(index: int, instruction: str = "Make the square red.") -> dict:

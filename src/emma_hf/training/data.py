@@ -36,6 +36,7 @@ from ..processing_emma import (
     VISION_START_TOKEN,
     EmmaProcessor,
     UnknownWordsWarning,
+    fit_to_token_grid,
     message_texts,
 )
 
@@ -224,6 +225,9 @@ class EmmaCollator:
     sample's prompt or instruction becomes empty (the pipeline's "no text" branch), and with probability
     `image_dropout` an edit's source image is left out (its "no image" branch: the instruction posed as
     text-to-image). The draws are seeded by `dropout_seed` and the sample's `index`.
+
+    `max_context_pixels` shrinks the processor's size budget for context images (SigLIP2 and the DC-AE read the
+    same resized image), as early stages train at low resolution; images to generate keep the processor's size.
     """
 
     processor: EmmaProcessor
@@ -232,11 +236,32 @@ class EmmaCollator:
     text_dropout: float = 0.0
     image_dropout: float = 0.0
     dropout_seed: int = 0
+    max_context_pixels: int | None = None
 
     def __post_init__(self):
         for name in ("text_dropout", "image_dropout"):
             if not is_probability(getattr(self, name)):
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        self.context_size = self.budgeted_size(self.max_context_pixels)
+
+    def budgeted_size(self, max_pixels: int | None) -> dict | None:
+        """The image processor's `size` within `max_pixels` (None: the processor's own)."""
+        if max_pixels is None:
+            return None
+        image_processor = self.processor.image_processor
+        patch_size = image_processor.patch_size
+        if not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < patch_size**2:
+            raise ValueError(
+                f"max_context_pixels must be an integer of at least patch_size**2 ({patch_size**2}) or None, "
+                f"got {max_pixels!r}"
+            )
+        size = image_processor.size
+        if size.height is None:
+            return {"min_pixels": min(size.min_pixels, max_pixels), "max_pixels": min(size.max_pixels, max_pixels)}
+        if size.height * size.width <= max_pixels:
+            return None
+        height, width = fit_to_token_grid(size.height, size.width, patch_size, patch_size**2, max_pixels)
+        return {"height": height, "width": width}
 
     def __call__(self, samples: Sequence[dict]) -> dict:
         rows, context_images, targets, target_indices = [], [], [], []
@@ -253,7 +278,8 @@ class EmmaCollator:
         batch = {}
         grids = []
         if context_images:
-            processed = self.processor.image_processor(context_images, return_tensors="pt")
+            sizing = {} if self.context_size is None else {"size": self.context_size}
+            processed = self.processor.image_processor(context_images, return_tensors="pt", **sizing)
             batch["pixel_values"], batch["vae_pixel_values"] = processed["pixel_values"], processed["vae_pixel_values"]
             grids += processed["image_grid_hw"].prod(-1).tolist()
         target_grids = []

@@ -41,6 +41,9 @@ class StagePreset:
     text_dropout, image_dropout: default condition dropout ([`EmmaCollator`]) in the stages that train drawing: the
         prompt blanked for 1 image sample in 10 (as BAGEL and most diffusion models train text guidance), an edit's
         source image dropped for 1 in 5 (the middle of the 0.1-0.4 range unified editors use for image guidance).
+    max_context_pixels: default budget of a context image in pixels ([`EmmaCollator`]): SigLIP2 and the DC-AE read
+        one image on one token grid, so this is SigLIP2's budget too. Stages 0-1 read at most 512x512 (1024 SigLIP2
+        patches), as VLMs pretrain at low resolution; later stages read what the processor's `size` allows.
     """
 
     name: str
@@ -51,8 +54,12 @@ class StagePreset:
     learning_rate: float = 1e-4
     text_dropout: float = 0.0
     image_dropout: float = 0.0
+    max_context_pixels: int | None = None
     inference_router_mode: str | None = None
 
+
+# Context images of the alignment and pretraining stages.
+LOW_RESOLUTION_PIXELS = 512 * 512
 
 STAGES = {
     preset.name: preset
@@ -64,6 +71,7 @@ STAGES = {
             "versatile",
             {"understanding": 1.0},
             1e-3,
+            max_context_pixels=LOW_RESOLUTION_PIXELS,
         ),
         StagePreset(
             "pretrain",
@@ -73,6 +81,7 @@ STAGES = {
             {"understanding": 1.0, "text_to_image": 1.0},
             1e-4,
             text_dropout=0.1,
+            max_context_pixels=LOW_RESOLUTION_PIXELS,
         ),
         StagePreset(
             "sft",

@@ -17,6 +17,7 @@ The config (YAML):
     noise_seed: null                 # fixed flow-matching noise per sample (reproducible across process counts)
     text_dropout: null               # condition dropout for classifier-free guidance (default: the stage's)
     image_dropout: null
+    max_context_pixels: null         # pixels of a context image (default: the stage's; stages 0-1: 512*512)
     reinitialize_stem_expert: true   # moe-expert: start the STEM expert from the tuned versatile one
     lora: {preset: generation, r: 16, lora_alpha: 32, lora_dropout: 0.0}   # optional
     resume: false                    # true: the last checkpoint in output_dir; or a checkpoint path
@@ -138,6 +139,7 @@ class TrainConfig:
     noise_seed: int | None = None
     text_dropout: float | None = None
     image_dropout: float | None = None
+    max_context_pixels: int | None = None
     reinitialize_stem_expert: bool = True
     lora: dict | None = None
     resume: bool | str = False
@@ -197,6 +199,12 @@ class TrainConfig:
             and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.task_ratios.values())
         ):
             raise TypeError(f"task_ratios must map task names to numbers, got {self.task_ratios!r}")
+        if self.max_context_pixels is not None and (
+            not isinstance(self.max_context_pixels, int)
+            or isinstance(self.max_context_pixels, bool)
+            or self.max_context_pixels < 1
+        ):
+            raise TypeError(f"max_context_pixels must be a positive integer or null, got {self.max_context_pixels!r}")
         for name in ("num_samples", "noise_seed"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -268,6 +276,9 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
             text_dropout=stage.text_dropout if config.text_dropout is None else config.text_dropout,
             image_dropout=stage.image_dropout if config.image_dropout is None else config.image_dropout,
             dropout_seed=seed,
+            max_context_pixels=(
+                stage.max_context_pixels if config.max_context_pixels is None else config.max_context_pixels
+            ),
         ),
         processing_class=processor,
     )
@@ -317,5 +328,10 @@ def training_summary(config: TrainConfig, trainer: EmmaTrainer) -> str:
     return (
         f"`emma-hf train`, stage `{get_stage(config.stage).name}`, {trainer.state.global_step} steps of "
         f"{trainer.args.per_device_train_batch_size} samples per device from {config.model}, on {data}; condition "
-        f"dropout: text {collator.text_dropout}, source image {collator.image_dropout}."
+        f"dropout: text {collator.text_dropout}, source image {collator.image_dropout}"
+        + (
+            f"; context images of at most {collator.max_context_pixels} pixels."
+            if collator.max_context_pixels
+            else "."
+        )
     )

@@ -1,12 +1,14 @@
 """The shapes recipe driver: every step once, nothing redone on a second run, a stage resumed from its checkpoint."""
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import yaml
 
-from emma_hf.shapes.recipe import Recipe, is_done, run_recipe
+from emma_hf import EmmaConfig
+from emma_hf.shapes.recipe import Recipe, is_done, run_recipe, ship
 
 
 def write_miniature_recipe(root: Path) -> Path:
@@ -15,6 +17,7 @@ def write_miniature_recipe(root: Path) -> Path:
     recipe = yaml.safe_load((examples / "recipe.yaml").read_text())
     recipe["autoencoder"]["steps"] = 2
     recipe["data"].update(questions=12, prompts=6, edits=6)
+    recipe["sampler"].update(prompts=5, edits=5, num_inference_steps=2, guidance_scale=[1.0, 2.0])
     for name in recipe["stages"]:
         stage = yaml.safe_load((examples / name).read_text())
         stage["training"].update(max_steps=2, per_device_train_batch_size=2, save_steps=1, logging_steps=1)
@@ -40,6 +43,30 @@ def test_the_recipe_makes_every_step_and_chains_the_stages(finished_recipe):
     assert all(is_done(runs / step) for step in ("init", "stage0-align/final", "stage2-sft/final", final))
     card = (Path(final) / "README.md").read_text()
     assert "from " + os.path.normpath(runs / "stage2-sft" / "final") in card
+
+
+def test_the_recipe_chooses_the_sampler_that_scores_best_and_ship_writes_it(finished_recipe, tmp_path):
+    path, final = finished_recipe
+    choice = json.loads((path.parents[2] / "runs" / "shapes" / "sampler.json").read_text())
+    tried = choice["tried"]
+    assert [(row["guidance_scale"], row["image_guidance_scale"]) for row in tried] == [
+        (g, gi) for g in (1.0, 2.0) for gi in (1.0, 1.5, 2.0)
+    ]
+    best = max(row["text_to_image"] + row["edit"] for row in tried)
+    first_best = next(row for row in tried if row["text_to_image"] + row["edit"] == best)
+    assert choice["image_sampler_defaults"] == {
+        "num_inference_steps": 2,
+        "guidance_scale": first_best["guidance_scale"],
+        "image_guidance_scale": first_best["image_guidance_scale"],
+    }
+    shipped = ship(path, tmp_path / "shipped")
+    assert EmmaConfig.from_pretrained(shipped).image_sampler_defaults == choice["image_sampler_defaults"]
+    assert not (shipped / "model_index.json").exists() and not list(shipped.glob("*.py"))
+
+
+def test_ship_refuses_an_unfinished_recipe(tmp_path):
+    with pytest.raises(FileNotFoundError, match="the recipe has not finished"):
+        ship(write_miniature_recipe(tmp_path), tmp_path / "shipped")
 
 
 def test_a_second_run_redoes_nothing(finished_recipe):

@@ -70,6 +70,11 @@ def answer_questions(
     return answers
 
 
+def canvas_of(pipe) -> int:
+    """The side the pipeline's processor reads and draws shapes scenes at."""
+    return pipe.processor.image_processor.size.height or 96
+
+
 def evaluate(
     pipe,
     seed: int = 1234,
@@ -86,40 +91,51 @@ def evaluate(
     Score the pipeline's model on freshly drawn scenes (`seed` must be one training never used); sampler settings
     left as None are the checkpoint's.
     """
-    canvas = pipe.processor.image_processor.size.height or 96
+    canvas = canvas_of(pipe)
     progress = progress or no_progress
-    scores = {
-        "understanding": TaskScores(QUESTION_TYPES),
-        "text_to_image": TaskScores(PROMPT_CATEGORIES),
-        "edit": TaskScores(EDIT_TYPES),
-    }
+    scores = {"understanding": TaskScores(QUESTION_TYPES)}
     questions = question_set(seed, num_questions, canvas)
     answers = answer_questions(pipe, questions, batch_size, progress=progress)
     for (_, question), answer in zip(questions, answers):
         scores["understanding"].add(question.kind, answer == question.answer, mentions_held_out(question.text))
 
     generator = torch.Generator().manual_seed(seed)
-    settings = {"num_inference_steps": num_inference_steps, "generator": generator, "height": canvas, "width": canvas}
+    settings = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "generator": generator}
     prompts = prompt_set(seed + 1, num_prompts, canvas)
-    for start in progress(range(0, len(prompts), batch_size), desc="text-to-image"):
-        chunk = prompts[start : start + batch_size]
-        images = pipe([p.text for p in chunk], guidance_scale=guidance_scale, **settings).images
-        for prompt, image in zip(chunk, images):
-            scores["text_to_image"].add(prompt.category, check_prompt(prompt, image), prompt.mentions_held_out())
-
+    scores["text_to_image"] = score_prompts(pipe, prompts, batch_size, progress, **settings)
     edits = edit_set(seed + 2, num_edits, canvas)
-    for start in progress(range(0, len(edits), batch_size), desc="editing"):
+    scores["edit"] = score_edits(
+        pipe, edits, batch_size, progress, image_guidance_scale=image_guidance_scale, **settings
+    )
+    return scores
+
+
+def score_prompts(
+    pipe, prompts: list, batch_size: int = 25, progress: Callable | None = None, **sampler
+) -> TaskScores:
+    """Draw each prompt with the pipeline (`sampler`: its call's settings) and check the image."""
+    canvas = canvas_of(pipe)
+    scores = TaskScores(PROMPT_CATEGORIES)
+    for start in (progress or no_progress)(range(0, len(prompts), batch_size), desc="text-to-image"):
+        chunk = prompts[start : start + batch_size]
+        images = pipe([p.text for p in chunk], height=canvas, width=canvas, **sampler).images
+        for prompt, image in zip(chunk, images):
+            scores.add(prompt.category, check_prompt(prompt, image), prompt.mentions_held_out())
+    return scores
+
+
+def score_edits(pipe, edits: list, batch_size: int = 25, progress: Callable | None = None, **sampler) -> TaskScores:
+    """Edit each source scene with the pipeline (`sampler`: its call's settings) and check the result."""
+    canvas = canvas_of(pipe)
+    scores = TaskScores(EDIT_TYPES)
+    for start in (progress or no_progress)(range(0, len(edits), batch_size), desc="editing"):
         chunk = edits[start : start + batch_size]
         sources = [render(edit.source) for edit in chunk]
         images = pipe(
-            [edit.instruction for edit in chunk],
-            image=sources,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            **settings,
+            [edit.instruction for edit in chunk], image=sources, height=canvas, width=canvas, **sampler
         ).images
         for edit, source, image in zip(chunk, sources, images):
-            scores["edit"].add(edit.kind, check_edit(edit, source, image), edit.target.holds_held_out())
+            scores.add(edit.kind, check_edit(edit, source, image), edit.target.holds_held_out())
     return scores
 
 

@@ -2,8 +2,8 @@
 The shapes model's recipe. `run` makes every step of a recipe file whose output is missing, so it can be stopped and
 started again (docs/shapes.md gives the times):
 
-    python -m emma_hf.shapes.recipe run examples/shapes/recipe.yaml        # DC-AE, data, init, stages 0-3
-    python -m emma_hf.shapes.recipe ship runs/shapes/stage3-quality/final  # bf16 copy into the package
+    python -m emma_hf.shapes.recipe run examples/shapes/recipe.yaml   # DC-AE, data, init, stages 0-3, sampler
+    python -m emma_hf.shapes.recipe ship examples/shapes/recipe.yaml  # bf16 copy into the package
 
 The steps one by one:
 
@@ -14,6 +14,7 @@ The steps one by one:
 """
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -30,8 +31,10 @@ from ..modeling_emma import EmmaForConditionalGeneration
 from ..processing_emma import EmmaImageProcessor, EmmaProcessor
 from ..training import TrainConfig, run_training
 from .autoencoder import train_autoencoder
-from .data import corpus, vocabulary, write_training_data
+from .data import corpus, edit_set, prompt_set, vocabulary, write_training_data
+from .evaluate import score_edits, score_prompts
 from .tokenizer import train_bpe_tokenizer
+from .world import EDIT_TYPES, PROMPT_CATEGORIES
 
 
 CANVAS = 96
@@ -88,6 +91,7 @@ VISION_CONFIG = {
 # A 96-px canvas is a 3x3 token grid; spreading its cells 8 apart triples the distance between their sin-cos
 # embeddings, without which context-image positions were learnt too slowly for `where` questions and edits.
 IMAGE_POSITION_SCALE = 8.0
+SAMPLER_KEYS = ("output", "seed", "prompts", "edits", "num_inference_steps", "guidance_scale", "image_guidance_scale")
 # Defaults of the single steps; examples/shapes/recipe.yaml holds the shipped model's values.
 AUTOENCODER_STEPS = 5000
 NUM_QUESTIONS, NUM_PROMPTS, NUM_EDITS = 12000, 12000, 12000
@@ -120,22 +124,23 @@ def initial_model(autoencoder_path: str | Path, seed: int = 0) -> tuple[EmmaForC
     return model, processor
 
 
-# The sampler the shipped model draws with unless told otherwise (its `image_sampler_defaults`): trained without
-# condition dropout, it is best at low text guidance and no image guidance.
-SHIPPED_SAMPLER_DEFAULTS = {"num_inference_steps": 20, "guidance_scale": 1.5, "image_guidance_scale": 1.0}
-
-
-def ship(checkpoint: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
+def ship(recipe_file: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
     """
-    Copy a trained checkpoint into the package, every weight in bf16 to fit the package's size budget, without
-    remote code: the installed package loads it, and exports of it carry the code of the day.
+    Copy a recipe's trained checkpoint into the package with the sampler settings the recipe chose, every weight in
+    bf16 to fit the package's size budget, without remote code: the installed package loads it, and exports of it
+    carry the code of the day.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    recipe = Recipe.from_yaml(recipe_file)
+    checkpoint = os.path.join(recipe.stage_outputs()[-1], "final")
+    sampler = Path(recipe.sampler["output"])
+    if not is_done(checkpoint) or not sampler.is_file():
+        raise FileNotFoundError(f"{recipe_file}: the recipe has not finished ({checkpoint}, {sampler}); run it first")
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = model.to(torch.bfloat16)
-    model.config.image_sampler_defaults = SHIPPED_SAMPLER_DEFAULTS
+    model.config.image_sampler_defaults = json.loads(sampler.read_text())["image_sampler_defaults"]
     if destination.exists():
         shutil.rmtree(destination)
     export_checkpoint(
@@ -158,6 +163,7 @@ class Recipe:
     data: dict
     init: str
     stages: list[str]
+    sampler: dict
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Recipe":
@@ -172,11 +178,14 @@ class Recipe:
             raise ValueError(f"{path}: autoencoder needs output and steps, got {raw['autoencoder']!r}")
         if set(raw["data"]) != {"output", "seed", "questions", "prompts", "edits"}:
             raise ValueError(f"{path}: data needs output, seed, questions, prompts and edits, got {raw['data']!r}")
+        if set(raw["sampler"]) != set(SAMPLER_KEYS):
+            raise ValueError(f"{path}: sampler needs {list(SAMPLER_KEYS)}, got {raw['sampler']!r}")
         base = path.parent
         recipe = cls(**raw)
         recipe.autoencoder = {**recipe.autoencoder, "output": os.path.normpath(base / recipe.autoencoder["output"])}
         recipe.data = {**recipe.data, "output": os.path.normpath(base / recipe.data["output"])}
         recipe.init = os.path.normpath(base / recipe.init)
+        recipe.sampler = {**recipe.sampler, "output": os.path.normpath(base / recipe.sampler["output"])}
         recipe.stages = [os.path.normpath(base / stage) for stage in recipe.stages]
         return recipe
 
@@ -221,7 +230,58 @@ def run_recipe(path: str | Path) -> str:
             config = TrainConfig.from_yaml(stage)
             config.resume = True
             run_training(config)
-    return os.path.join(outputs[-1], "final")
+    final = os.path.join(outputs[-1], "final")
+    if not Path(recipe.sampler["output"]).is_file():
+        settings = {key: value for key, value in recipe.sampler.items() if key != "output"}
+        choice = choose_sampler(final, **settings)
+        Path(recipe.sampler["output"]).write_text(json.dumps(choice, indent=2) + "\n")
+    return final
+
+
+def choose_sampler(
+    checkpoint: str | Path,
+    seed: int,
+    prompts: int,
+    edits: int,
+    num_inference_steps: int,
+    guidance_scale: list[float],
+    image_guidance_scale: list[float],
+) -> dict:
+    """
+    The guidance scales that score best on shapes scenes of `seed` (the mean of text-to-image and editing overall;
+    the first listed wins a tie), with the score of every setting tried. The same noise serves every setting.
+    """
+    from ..pipeline_emma import EmmaPipeline
+
+    if prompts < len(PROMPT_CATEGORIES) or edits < len(EDIT_TYPES):
+        raise ValueError(
+            f"the sampler needs at least one prompt per category ({len(PROMPT_CATEGORIES)}) and one edit per type "
+            f"({len(EDIT_TYPES)}) to score; got prompts={prompts}, edits={edits}"
+        )
+    pipe = EmmaPipeline.from_pretrained(str(checkpoint), dtype=torch.float32)
+    prompt_list, edit_list = prompt_set(seed + 1, prompts, CANVAS), edit_set(seed + 2, edits, CANVAS)
+
+    def sampler(**scales) -> dict:
+        generator = torch.Generator().manual_seed(seed)
+        return {"num_inference_steps": num_inference_steps, "generator": generator, **scales}
+
+    text_to_image = {g: score_prompts(pipe, prompt_list, **sampler(guidance_scale=g)).overall for g in guidance_scale}
+    tried = [
+        {
+            "guidance_scale": g,
+            "image_guidance_scale": gi,
+            "text_to_image": text_to_image[g],
+            "edit": score_edits(pipe, edit_list, **sampler(guidance_scale=g, image_guidance_scale=gi)).overall,
+        }
+        for g in guidance_scale
+        for gi in image_guidance_scale
+    ]
+    best = max(tried, key=lambda row: row["text_to_image"] + row["edit"])
+    defaults = {
+        "num_inference_steps": num_inference_steps,
+        **{k: best[k] for k in ("guidance_scale", "image_guidance_scale")},
+    }
+    return {"image_sampler_defaults": defaults, "seed": seed, "prompts": prompts, "edits": edits, "tried": tried}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     init = steps.add_parser("init", help="write the randomly initialised EMMA checkpoint")
     init.add_argument("output")
     init.add_argument("--autoencoder", required=True)
-    shipping = steps.add_parser("ship", help="copy a trained checkpoint into the package (bf16)")
-    shipping.add_argument("checkpoint")
+    shipping = steps.add_parser("ship", help="copy a finished recipe's model into the package (bf16)")
+    shipping.add_argument("recipe", help="e.g. examples/shapes/recipe.yaml")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.step == "run":
         print(f"wrote {run_recipe(args.recipe)}")
@@ -258,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = initial_model(args.autoencoder)
         print(f"wrote {export_checkpoint(model, processor, args.output, model_name='shapes-emma-init')}")
     else:
-        print(f"wrote {ship(args.checkpoint)}")
+        print(f"wrote {ship(args.recipe)}")
     return 0
 
 

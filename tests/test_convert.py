@@ -1,6 +1,7 @@
 """Building EMMA from Qwen3, SigLIP2 and DC-AE checkpoints saved by their own libraries."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -41,7 +42,9 @@ def components(tmp_path_factory):
 
 def build(components, **overrides):
     root = components["root"]
-    return build_emma_from_components(root / "qwen3", root / "siglip2", root / "dc-ae", **overrides)
+    return build_emma_from_components(
+        root / "qwen3", root / "siglip2", root / "dc-ae", dtype=torch.float32, **overrides
+    )
 
 
 def test_converted_model_keeps_qwen3_and_siglip2_outputs(components):
@@ -71,6 +74,24 @@ def test_converted_model_keeps_qwen3_and_siglip2_outputs(components):
     assert not model.velocity_head.linear_2.weight.any() and not model.velocity_head.linear_2.bias.any()
 
 
+def test_the_model_is_built_in_bfloat16_by_default_from_float32_files(components):
+    """Each tensor is read in its file's dtype and cast once; EMMA's own weights are initialised, not left empty."""
+    model, _ = build_emma_from_components(*(components["root"] / name for name in ("qwen3", "siglip2", "dc-ae")))
+    reference, _ = build(components)
+    assert {t.dtype for t in model.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    randomly_initialised = re.compile(r"router|und_adapter|gen_adapter|time_embed|velocity_head\.linear_1")
+    for key, value in reference.state_dict().items():
+        if not randomly_initialised.search(key):
+            assert torch.equal(model.state_dict()[key][:300], value[:300].to(model.dtype)), key
+    rotary = model.model.language_model.rotary_emb  # computed in float32, as transformers keeps it
+    assert torch.equal(rotary.inv_freq, reference.model.language_model.rotary_emb.inv_freq)
+    adapter = model.model.und_adapter.linear_1.weight.float()
+    assert (
+        adapter.isfinite().all() and 0.01 < adapter.std() < 0.03 and model.model.und_adapter.linear_1.bias.eq(0).all()
+    )
+    assert model.lm_head.weight is model.get_input_embeddings().weight or not model.config.tie_word_embeddings
+
+
 def test_new_token_rows_start_at_the_mean_embedding(components):
     model, _ = build(components)
     embeddings = model.get_input_embeddings().weight
@@ -98,7 +119,9 @@ def test_a_full_siglip2_checkpoint_works_too(components, tmp_path):
     full.vision_model.load_state_dict(components["siglip"].state_dict())
     full.save_pretrained(tmp_path / "siglip2-full")
     root = components["root"]
-    model, _ = build_emma_from_components(root / "qwen3", tmp_path / "siglip2-full", root / "dc-ae")
+    model, _ = build_emma_from_components(
+        root / "qwen3", tmp_path / "siglip2-full", root / "dc-ae", dtype=torch.float32
+    )
     converted, _ = build(components)
     assert torch.equal(
         model.model.vision_tower.post_layernorm.weight, converted.model.vision_tower.post_layernorm.weight
@@ -154,7 +177,9 @@ def test_added_tokens_on_padding_rows_start_at_the_mean_of_the_tokenizers_rows(c
     padded = Qwen3ForCausalLM(text_config).eval()
     padded.save_pretrained(tmp_path / "qwen3")
     tiny_tokenizer().save_pretrained(tmp_path / "qwen3")
-    model, processor = build_emma_from_components(tmp_path / "qwen3", root / "siglip2", root / "dc-ae")
+    model, processor = build_emma_from_components(
+        tmp_path / "qwen3", root / "siglip2", root / "dc-ae", dtype=torch.float32
+    )
     assert processor.emma_token_ids["gen_start_token_id"] == 304 and model.config.text_config.vocab_size == 310
     for emma_rows, qwen_rows in (
         (model.get_input_embeddings().weight, padded.get_input_embeddings().weight),

@@ -25,7 +25,13 @@ from transformers.cache_utils import DynamicCache
 import emma_hf
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration, EmmaImageProcessor, EmmaPipeline, EmmaProcessor
 from emma_hf.cli import main
-from emma_hf.convert import build_emma_from_components, load_component_weights, read_safetensors
+from emma_hf.convert import (
+    StoredTensor,
+    build_emma_from_components,
+    check_component_weights,
+    safetensors_files,
+    stored_tensors,
+)
 from emma_hf.hub import export_checkpoint
 from emma_hf.shapes import random_scene, render
 from emma_hf.training import JsonlDataset, TrainConfig
@@ -151,6 +157,14 @@ def component_folder(folder: Path, pickle: bool = False) -> Path:
             json.dumps({"weight_map": {"weight": "model-00001-of-00002.safetensors"}})
         )
     return folder
+
+
+def stored_like(tensors: dict[str, torch.Tensor]) -> dict[str, StoredTensor]:
+    """Header entries of a safetensors file that would hold these tensors (only their shapes are read)."""
+    return {
+        key: StoredTensor(Path("model.safetensors"), t.dtype, tuple(t.shape), 0, t.nbytes)
+        for key, t in tensors.items()
+    }
 
 
 TRIGGERS: dict[str, Callable[[Path], object]] = {
@@ -282,13 +296,15 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     ),
     # Convert and loading
     "convert-not-qwen3": lambda tmp: build_emma_from_components(llama_folder(tmp / "llama"), tmp / "v", tmp / "vae"),
-    "convert-pickle-only": lambda tmp: read_safetensors(component_folder(tmp, pickle=True), "model.safetensors"),
-    "convert-missing-shard": lambda tmp: read_safetensors(component_folder(tmp), "model.safetensors"),
-    "convert-tensor-shape": lambda tmp: load_component_weights(
-        tiny_model(), {**tiny_model().state_dict(), "model.und_adapter.linear_1.weight": torch.zeros(3, 3)}
+    "convert-pickle-only": lambda tmp: safetensors_files(component_folder(tmp, pickle=True), "model.safetensors"),
+    "convert-missing-shard": lambda tmp: safetensors_files(component_folder(tmp), "model.safetensors"),
+    "convert-damaged-header": lambda tmp: stored_tensors(write_text(tmp / "model.safetensors", "not a header")),
+    "convert-tensor-shape": lambda tmp: check_component_weights(
+        tiny_model(),
+        stored_like({**tiny_model().state_dict(), "model.und_adapter.linear_1.weight": torch.zeros(3, 3)}),
     ),
-    "convert-unexpected-weight": lambda tmp: load_component_weights(
-        tiny_model(), {"text_projection.weight": torch.zeros(2)}
+    "convert-unexpected-weight": lambda tmp: check_component_weights(
+        tiny_model(), stored_like({"text_projection.weight": torch.zeros(2)})
     ),
     "load-missing-folder": lambda tmp: EmmaForConditionalGeneration.from_pretrained(tmp / "missing"),
     "load-missing-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(weights_folder(tmp / "empty")),

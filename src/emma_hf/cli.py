@@ -37,12 +37,30 @@ def convert(args: argparse.Namespace) -> None:
     if args.vision_moe_layers is not None:
         overrides["vision_moe_layers"] = args.vision_moe_layers
     image_processor = EmmaImageProcessor(size={"min_pixels": args.min_pixels, "max_pixels": args.max_pixels})
-    model, processor = build_emma_from_components(args.llm, args.vision, args.vae, image_processor, **overrides)
-    if args.dtype != "float32":
-        model = model.to(getattr(torch, args.dtype))
+    model, processor = build_emma_from_components(
+        args.llm, args.vision, args.vae, image_processor, dtype=getattr(torch, args.dtype), **overrides
+    )
     base_models = [str(source) for source in (args.llm, args.vision, args.vae)]
     export_checkpoint(model, processor, args.output, max_shard_size=args.max_shard_size, base_model=base_models)
-    print(f"EMMA checkpoint written to {args.output}")
+    weights = {tensor.data_ptr(): tensor.nbytes for tensor in model.state_dict().values()}  # tied ones once
+    weight_bytes = sum(weights.values())
+    peak = peak_memory_bytes()
+    memory = (
+        "" if peak is None else f"; peak memory (RSS) {peak / 2**30:.2f} GiB, {peak / weight_bytes:.2f}x the weights"
+    )
+    print(
+        f"EMMA checkpoint written to {args.output}: {weight_bytes / 2**30:.2f} GiB of weights ({args.dtype}){memory}"
+    )
+
+
+def peak_memory_bytes() -> int | None:
+    """The process's peak resident memory, where the platform reports it (not on Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, kilobytes on Linux
 
 
 def train(args: argparse.Namespace) -> None:
@@ -291,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--min-pixels", type=int, default=256 * 256, help="image processor's pixel floor")
     convert_parser.add_argument("--max-pixels", type=int, default=1024 * 1024, help="image processor's pixel budget")
     convert_parser.add_argument(
-        "--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16", help="dtype of the written weights"
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="dtype the model is built and written in",
     )
     convert_parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard")
     convert_parser.set_defaults(run=convert)

@@ -5,14 +5,16 @@ way back to a plain Qwen3 for the chat half. Writing the result as a Hub folder 
 """
 
 import json
+import math
 import re
+import struct
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderDC
 from huggingface_hub import snapshot_download
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer, Qwen3ForCausalLM
 from transformers.utils import SAFE_WEIGHTS_NAME
 
@@ -32,56 +34,101 @@ ADDED_BY_EMMA = re.compile(
 )
 
 
-def read_safetensors(source: str | Path, weights_name: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint (local folder or Hub id, one file or shards with an index), keys as saved."""
+# safetensors' dtype names (its format specification) as torch dtypes.
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+}
+# Embedding matrices may hold fewer rows in their checkpoint than in EMMA (the tokenizer grew).
+GROWABLE_WEIGHTS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor lies in a safetensors file, from the file's header."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def safetensors_files(source: str | Path, weights_name: str) -> list[Path]:
+    """The weight files of a checkpoint (local folder or Hub id, one file or shards with an index)."""
     folder = Path(source)
     if not folder.is_dir():
         folder = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors"]))
     index_path = folder / f"{weights_name}.index.json"
     if (folder / weights_name).is_file():
-        files = [folder / weights_name]
-    elif index_path.is_file():
-        files = [folder / shard for shard in sorted(set(json.loads(index_path.read_text())["weight_map"].values()))]
-    else:
+        return [folder / weights_name]
+    if not index_path.is_file():
         pickles = sorted(path.name for path in folder.glob("*.bin"))
         found = f"; its pickle files {pickles} are not read (convert them to safetensors first)" if pickles else ""
         raise FileNotFoundError(f"{str(source)!r} holds neither {weights_name} nor {weights_name}.index.json{found}")
-    weights = {}
+    files = [folder / shard for shard in sorted(set(json.loads(index_path.read_text())["weight_map"].values()))]
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"{str(source)!r}: the shard {file.name!r} listed in its index is missing")
-        try:
-            weights.update(load_file(file))
-        except SafetensorError as error:
-            raise OSError(f"{str(file)!r} is damaged or truncated ({error}); download or save it again") from error
-    return weights
+    return files
 
 
-def mapped_component_weights(
-    config: EmmaConfig, llm_weights: dict, vision_weights: dict, vae_weights: dict
-) -> dict[str, torch.Tensor]:
+def stored_tensors(file: Path) -> dict[str, StoredTensor]:
+    """The tensors a safetensors file holds, read from its header alone (8-byte length, JSON, then the data)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as stream:
+            (header_size,) = struct.unpack("<Q", stream.read(8))
+            if header_size > size - 8:
+                raise ValueError(f"a header of {header_size} bytes in a file of {size}")
+            header = json.loads(stream.read(header_size))
+        header.pop("__metadata__", None)
+        tensors = {}
+        for key, info in header.items():
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            begin, end = (8 + header_size + offset for offset in info["data_offsets"])
+            shape = tuple(info["shape"])
+            if end > size or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"{key} lies outside the file or has the wrong length")
+            tensors[key] = StoredTensor(file, dtype, shape, begin, end)
+    except (struct.error, ValueError, KeyError, TypeError) as error:
+        raise OSError(f"{str(file)!r} is damaged or truncated ({error!r}); download or save it again") from error
+    return tensors
+
+
+def emma_weight_names(
+    config: EmmaConfig, llm: dict[str, StoredTensor], vision: dict[str, StoredTensor], vae: dict[str, StoredTensor]
+) -> dict[str, StoredTensor]:
     """The three checkpoints' tensors under EMMA's names (docs/architecture.md, "Weights and names")."""
     mapped = {}
-    for key, value in llm_weights.items():
-        mapped[key.replace("model.", "model.language_model.", 1) if key.startswith("model.") else key] = value
+    for key, stored in llm.items():
+        mapped[key.replace("model.", "model.language_model.", 1) if key.startswith("model.") else key] = stored
     moe_layers = set(config.vision_moe_layers)
-    for key, value in vision_weights.items():
+    for key, stored in vision.items():
         key = key.removeprefix("vision_model.")
         if key.startswith(UNUSED_VISION_PREFIXES):
             continue
         parts = key.split(".")
         if key.startswith("encoder.layers.") and int(parts[2]) in moe_layers and parts[3] == "mlp":
             key = ".".join([*parts[:4], "experts", "0", *parts[4:]])
-        mapped[f"model.vision_tower.{key}"] = value
-    mapped.update({f"model.vae.{key}": value for key, value in vae_weights.items()})
+        mapped[f"model.vision_tower.{key}"] = stored
+    mapped.update({f"model.vae.{key}": stored for key, stored in vae.items()})
     return mapped
 
 
-def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[str, torch.Tensor]) -> None:
+def check_component_weights(model: EmmaForConditionalGeneration, weights: dict[str, StoredTensor]) -> None:
     """
-    Load mapped component weights, refusing any key that does not belong, or any EMMA weight left without a value
-    except those EMMA adds (gen copies, MoE experts and router, adapters, heads) and a tied `lm_head`. Rows the
-    tokenizer added beyond the checkpoint's vocabulary start at the mean of the existing embeddings.
+    Refuse any stored tensor that does not belong or has the wrong shape, and any EMMA weight left without one
+    except those EMMA adds (gen copies, MoE experts and router, adapters, heads) and a tied `lm_head`. Shapes only:
+    `model` may be on the meta device.
     """
     own = model.state_dict()
     unexpected = sorted(set(weights) - set(own))
@@ -94,22 +141,37 @@ def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[st
     )
     if missing:
         raise ValueError(f"the component checkpoints lack these weights EMMA needs: {missing}")
-    with torch.no_grad():
-        for key, value in weights.items():
-            target = own[key]
-            if value.shape == target.shape:
-                target.copy_(value)
-            elif (
-                key in ("model.language_model.embed_tokens.weight", "lm_head.weight")
-                and value.shape[1:] == target.shape[1:]
-                and value.shape[0] < target.shape[0]
-            ):
-                target[: value.shape[0]] = value
-                target[value.shape[0] :] = value.float().mean(0).to(value.dtype)
-            else:
-                raise ValueError(
-                    f"{key} has shape {tuple(value.shape)} in its checkpoint, EMMA expects {tuple(target.shape)}"
-                )
+    for key, stored in weights.items():
+        target = tuple(own[key].shape)
+        grows = key in GROWABLE_WEIGHTS and stored.shape[1:] == target[1:] and stored.shape[0] <= target[0]
+        if stored.shape != target and not grows:
+            raise ValueError(f"{key} has shape {stored.shape} in its checkpoint, EMMA expects {target}")
+
+
+@torch.no_grad()
+def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[str, StoredTensor]) -> None:
+    """
+    Read each stored tensor straight into its EMMA tensor with plain file reads: no memory map (whose pages count
+    as the process's memory while a file is open) and no second copy, except a tensor's own when its dtype
+    differs. Rows an embedding matrix has beyond its checkpoint's start at the mean of the stored rows.
+    """
+    own = model.state_dict()
+    by_file = defaultdict(list)
+    for key, stored in weights.items():
+        by_file[stored.file].append((key, stored))
+    for file, tensors in by_file.items():
+        with open(file, "rb") as stream:
+            for key, stored in sorted(tensors, key=lambda item: item[1].start):
+                target = own[key]
+                rows = target[: stored.shape[0]] if stored.shape != tuple(target.shape) else target
+                destination = rows if stored.dtype == target.dtype else torch.empty(stored.shape, dtype=stored.dtype)
+                stream.seek(stored.start)
+                if stream.readinto(destination.view(-1).view(torch.uint8).numpy()) != stored.end - stored.start:
+                    raise OSError(f"{str(file)!r} is truncated at {key}; download or save it again")
+                if destination is not rows:
+                    rows.copy_(destination)
+                if rows.shape != target.shape:
+                    target[stored.shape[0] :] = rows.float().mean(0).to(target.dtype)
 
 
 @torch.no_grad()
@@ -131,6 +193,7 @@ def build_emma_from_components(
     vision: str | Path,
     vae: str | Path,
     image_processor: EmmaImageProcessor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
     **config_overrides,
 ) -> tuple[EmmaForConditionalGeneration, EmmaProcessor]:
     """
@@ -138,8 +201,10 @@ def build_emma_from_components(
     `AutoencoderDC` checkpoint (folders or Hub ids, as those libraries save them): shared weights copied, the `gen`
     stream initialised from `und`, the STEM expert from the versatile one, adapters and heads fresh with the velocity
     head's output at zero, and the tokenizer extended with EMMA's special tokens, whose rows start at the mean
-    embedding. `config_overrides` go to
-    [`EmmaConfig`] (e.g. `num_shallow_layers`, `vision_moe_layers`).
+    embedding. `config_overrides` go to [`EmmaConfig`] (e.g. `num_shallow_layers`, `vision_moe_layers`).
+
+    The model is built on the meta device, checked against the checkpoints' headers, given memory once in `dtype`
+    and filled tensor by tensor from the files, so memory holds the model and not a second copy of it.
     """
     text_config = AutoConfig.from_pretrained(llm)
     if text_config.model_type != "qwen3":
@@ -161,14 +226,32 @@ def build_emma_from_components(
         vae_config=vae_config,
         **{**processor.emma_token_ids, **config_overrides},
     )
-    model = EmmaForConditionalGeneration(config)
-    weights = mapped_component_weights(
-        config,
-        read_safetensors(llm, SAFE_WEIGHTS_NAME),
-        read_safetensors(vision, SAFE_WEIGHTS_NAME),
-        read_safetensors(vae, DIFFUSERS_WEIGHTS_NAME),
-    )
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype such as torch.bfloat16, got {dtype!r}")
+    headers = [
+        {key: stored for file in safetensors_files(source, name) for key, stored in stored_tensors(file).items()}
+        for source, name in ((llm, SAFE_WEIGHTS_NAME), (vision, SAFE_WEIGHTS_NAME), (vae, DIFFUSERS_WEIGHTS_NAME))
+    ]
+    weights = emma_weight_names(config, *headers)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # as transformers builds in a dtype: buffers computed in float32 stay float32
+    try:
+        with torch.device("meta"):
+            model = EmmaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    check_component_weights(model, weights)
+    model.to_empty(device="cpu")
+    model.tie_weights()
     load_component_weights(model, weights)
+    # What the checkpoints did not fill (EMMA's own modules, non-persistent buffers) is initialised as
+    # transformers initialises missing weights: `_init_weights` on every tensor not flagged as loaded.
+    tensors = dict([*model.named_parameters(remove_duplicate=False), *model.named_buffers()])
+    for module in [*model.modules(), *tensors.values()]:
+        module._is_hf_initialized = False
+    for key in weights:
+        tensors[key]._is_hf_initialized = True  # after the loop above: a tied tensor is loaded under its other name
+    model.initialize_weights()
     mean_initialize_tokens(model, num_trained_tokens, len(processor.tokenizer))
     model.model.initialize_gen_stream_from_und()
     model.model.initialize_experts_from_versatile()

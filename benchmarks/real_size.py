@@ -1,0 +1,184 @@
+"""
+EMMA-4B's components at their real size, made on this machine (no weights can be downloaded): Qwen3-4B,
+SigLIP2-so400m-patch16-naflex and DC-AE f32c32 (Sana 1.1) with their published configs and random bf16 weights,
+each saved by its own library in its Hub layout and sharding. Qwen3's tokenizer is the real one when Qwen's BPE
+ranks can be found: the `dashscope` package ships them as `qwen.tiktoken` (the 151643 byte-level merges Qwen2 and
+Qwen3 share), and transformers' `TikTokenConverter` (which needs `tiktoken`) turns them into merges.
+
+    pip install dashscope tiktoken          # optional: the real Qwen3 vocabulary
+    python -m benchmarks.real_size components /tmp/emma-4b-components
+"""
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderDC
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, Siglip2Config, Siglip2Model
+
+from emma_hf.configuration_emma import DC_AE_F32C32_CONFIG
+
+
+# config.json of Qwen/Qwen3-4B as published.
+QWEN3_4B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 2560,
+    "initializer_range": 0.02,
+    "intermediate_size": 9728,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 36,
+    "model_type": "qwen3",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 36,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+# Qwen/Qwen3-4B's shards: three files of at most 4 GB.
+QWEN3_4B_SHARD_SIZE = "4GB"
+# config.json of google/siglip2-so400m-patch16-naflex as published (a full text + vision model, one file).
+SIGLIP2_SO400M_NAFLEX_CONFIG = {
+    "architectures": ["Siglip2Model"],
+    "initializer_factor": 1.0,
+    "model_type": "siglip2",
+    "text_config": {
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "model_type": "siglip2_text_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "vocab_size": 256000,
+    },
+    "vision_config": {
+        "hidden_act": "gelu_pytorch_tanh",
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "model_type": "siglip2_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 27,
+        "num_patches": 256,
+        "patch_size": 16,
+    },
+}
+# Qwen3's added tokens, ids 151643-151668, in order (tokenizer_config.json of Qwen/Qwen3-4B).
+QWEN3_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
+    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
+    "<think>", "</think>",
+]  # fmt: skip
+# The pre-tokenizer split of Qwen's tokenizers (one digit per token).
+QWEN_SPLIT_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+QWEN_NUM_BPE_TOKENS = 151643
+
+
+def qwen_bpe_ranks() -> Path | None:
+    """`qwen.tiktoken` from the installed `dashscope` package, or None."""
+    spec = importlib.util.find_spec("dashscope")
+    if spec is None or spec.origin is None:
+        return None
+    ranks = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
+    return ranks if ranks.is_file() else None
+
+
+def qwen3_tokenizer(ranks: Path) -> Qwen2Tokenizer:
+    """Qwen3's tokenizer from Qwen's BPE ranks and Qwen3's published special tokens (ids 151643-151668)."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab, merges = TikTokenConverter(
+        vocab_file=str(ranks), pattern=QWEN_SPLIT_PATTERN
+    ).extract_vocab_merges_from_model(str(ranks))
+    if len(vocab) != QWEN_NUM_BPE_TOKENS:
+        raise ValueError(f"{ranks} holds {len(vocab)} tokens; Qwen's BPE has {QWEN_NUM_BPE_TOKENS}")
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token=None, model_max_length=131072
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN3_SPECIAL_TOKENS})
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
+    ids = tokenizer.convert_tokens_to_ids(QWEN3_SPECIAL_TOKENS)
+    if ids != list(range(QWEN_NUM_BPE_TOKENS, QWEN_NUM_BPE_TOKENS + len(QWEN3_SPECIAL_TOKENS))):
+        raise ValueError(f"Qwen3's special tokens landed on ids {ids[0]}..{ids[-1]}, not 151643..151668")
+    return tokenizer
+
+
+@torch.no_grad()
+def fill_randomly(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Normal(0, 0.02) weights, unit norm scales, zero biases: random, but numerically like a trained model."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("bias", "running_mean"):
+            tensor.zero_()
+        elif tensor.ndim == 1:
+            tensor.fill_(1.0)
+        else:
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float32).mul_(0.02))
+
+
+def empty_model(model_class, config):
+    """The model in bf16 with uninitialised weights: built on the meta device, then given memory once."""
+    with torch.device("meta"):
+        model = model_class(config).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    return model
+
+
+def write_components(folder: str | Path, seed: int = 0) -> dict[str, Path]:
+    """The three component folders under `folder` (`qwen3-4b`, `siglip2-so400m-patch16-naflex`, `dc-ae-f32c32`)."""
+    folder = Path(folder)
+    generator = torch.Generator().manual_seed(seed)
+    paths = {
+        "llm": folder / "qwen3-4b",
+        "vision": folder / "siglip2-so400m-patch16-naflex",
+        "vae": folder / "dc-ae-f32c32-sana-1.1",
+    }
+    llm = empty_model(Qwen3ForCausalLM, Qwen3Config.from_dict(QWEN3_4B_CONFIG))
+    fill_randomly(llm, generator)
+    llm.save_pretrained(paths["llm"], max_shard_size=QWEN3_4B_SHARD_SIZE)
+    del llm
+    ranks = qwen_bpe_ranks()
+    if ranks is not None:
+        qwen3_tokenizer(ranks).save_pretrained(paths["llm"])
+    vision = empty_model(Siglip2Model, Siglip2Config.from_dict(SIGLIP2_SO400M_NAFLEX_CONFIG))
+    fill_randomly(vision, generator)
+    vision.save_pretrained(paths["vision"])
+    del vision
+    vae = AutoencoderDC(**DC_AE_F32C32_CONFIG).to(torch.bfloat16)
+    fill_randomly(vae, generator)
+    vae.save_pretrained(paths["vae"])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.real_size", description=__doc__.split("\n\n")[0])
+    steps = parser.add_subparsers(dest="step", required=True)
+    components = steps.add_parser("components", help="write the three component checkpoints (about 11 GB)")
+    components.add_argument("folder")
+    args = parser.parse_args(argv)
+    for name, path in write_components(args.folder).items():
+        size = sum(file.stat().st_size for file in path.iterdir()) / 2**30
+        print(f"{name}: {path} ({size:.2f} GiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -171,7 +171,7 @@ def load_component_weights(model: EmmaForConditionalGeneration, weights: dict[st
                 if destination is not rows:
                     rows.copy_(destination)
                 if rows.shape != target.shape:
-                    target[stored.shape[0] :] = rows.float().mean(0).to(target.dtype)
+                    target[stored.shape[0] :] = mean_row(rows)
 
 
 @torch.no_grad()
@@ -185,7 +185,15 @@ def mean_initialize_tokens(model: EmmaForConditionalGeneration, num_trained_toke
     if not model.config.tie_word_embeddings:
         matrices.append(model.get_output_embeddings().weight)
     for matrix in matrices:
-        matrix[num_trained_tokens:num_tokens] = matrix[:num_trained_tokens].float().mean(0).to(matrix.dtype)
+        matrix[num_trained_tokens:num_tokens] = mean_row(matrix[:num_trained_tokens])
+
+
+def mean_row(matrix: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """The mean of a matrix's rows, summed in float32 a block at a time: no float copy of a whole embedding."""
+    total = torch.zeros(matrix.shape[1], dtype=torch.float32)
+    for start in range(0, matrix.shape[0], block):
+        total += matrix[start : start + block].sum(0, dtype=torch.float32)
+    return (total / matrix.shape[0]).to(matrix.dtype)
 
 
 def build_emma_from_components(

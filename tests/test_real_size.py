@@ -1,0 +1,72 @@
+"""
+EMMA-4B at its real size on a CPU (slow: `python -m pytest -m slow tests/test_real_size.py`).
+
+Needs about 35 GB of free disk (10.6 GB of component checkpoints, 12.5 GiB converted) and 24 GB of memory; about
+25 minutes on 2 cores. The files go under pytest's temporary folder and are deleted afterwards, unless
+`EMMA_REAL_SIZE_DIR` names a folder to keep them in between runs.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+pytestmark = pytest.mark.slow
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def run_python(*arguments: str) -> str:
+    """A fresh interpreter, so each step's peak memory is its own."""
+    result = subprocess.run(
+        [sys.executable, *arguments], cwd=REPOSITORY, capture_output=True, text=True, check=False, timeout=3600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def real_size(tmp_path_factory):
+    kept = os.environ.get("EMMA_REAL_SIZE_DIR")
+    folder = Path(kept) if kept else tmp_path_factory.mktemp("real-size")
+    print(f"\nreal-size files in {folder}: about 35 GB of disk")
+    components = folder / "components"
+    if not (components / "dc-ae-f32c32-sana-1.1" / "config.json").is_file():
+        run_python("-m", "benchmarks.real_size", "components", str(components))
+    yield folder
+    if not kept:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def converted(real_size):
+    components, output = real_size / "components", real_size / "emma-4b"
+    stdout = run_python(
+        "-m",
+        "emma_hf.cli",
+        "convert",
+        "--llm",
+        str(components / "qwen3-4b"),
+        "--vision",
+        str(components / "siglip2-so400m-patch16-naflex"),
+        "--vae",
+        str(components / "dc-ae-f32c32-sana-1.1"),
+        "--output",
+        str(output),
+    )
+    return output, stdout
+
+
+def test_convert_streams_within_115_percent_of_the_weights(converted):
+    output, stdout = converted
+    match = re.search(r"([\d.]+) GiB of weights \(bfloat16\); peak memory \(RSS\) ([\d.]+) GiB, ([\d.]+)x", stdout)
+    assert match, stdout
+    weights, peak, ratio = map(float, match.groups())
+    print(f"convert: {weights} GiB of weights, peak RSS {peak} GiB ({ratio}x)")
+    assert 12.0 < weights < 13.0 and ratio <= 1.15
+    shards = sorted(path.name for path in (output / "model").glob("*.safetensors"))
+    assert shards and (output / "model" / "model.safetensors.index.json").is_file()

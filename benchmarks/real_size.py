@@ -7,13 +7,23 @@ Qwen3 share), and transformers' `TikTokenConverter` (which needs `tiktoken`) tur
 
     pip install dashscope tiktoken          # optional: the real Qwen3 vocabulary
     python -m benchmarks.real_size components /tmp/emma-4b-components
+    emma-hf convert --llm /tmp/emma-4b-components/qwen3-4b ... --output /tmp/emma-4b
+    python -m benchmarks.real_size run /tmp/emma-4b [--steps load chat t2i-512 ...]
+
+`run` measures each step in a fresh process: its seconds, and its peak memory above the weights (every weight is
+read once first, so the memory-mapped weights are resident before the step starts).
 """
 
 import argparse
 import importlib.util
+import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderDC
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, Siglip2Config, Siglip2Model
@@ -168,15 +178,107 @@ def write_components(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+def load_pipeline(folder: str):
+    from emma_hf import EmmaPipeline
+
+    return EmmaPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+
+
+def random_image(side: int) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+
+
+def chat(pipe) -> None:
+    processor, model = pipe.processor, pipe.model
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is in the image?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[text], images=[random_image(512)], return_tensors="pt")
+    model.generate(**inputs, max_new_tokens=4, do_sample=False)
+
+
+def denoising_step(pipe, side: int, edit: bool) -> None:
+    """One step at the checkpoint's guidance (text-to-image: 2 branches; edit: 3), latents out."""
+    image = {"image": random_image(side)} if edit else {}
+    pipe("a red apple on a table", height=side, width=side, num_inference_steps=1, output_type="latent", **image)
+
+
+def decode(pipe, side: int) -> None:
+    vae = pipe.model.model.vae
+    latents = torch.randn(1, vae.config.latent_channels, side // 32, side // 32, dtype=vae.dtype)
+    vae.decode(latents)
+
+
+STEPS = {
+    "chat": chat,
+    "t2i-512": lambda pipe: denoising_step(pipe, 512, edit=False),
+    "t2i-1024": lambda pipe: denoising_step(pipe, 1024, edit=False),
+    "edit-512": lambda pipe: denoising_step(pipe, 512, edit=True),
+    "edit-1024": lambda pipe: denoising_step(pipe, 1024, edit=True),
+    "decode-1024": lambda pipe: decode(pipe, 1024),
+}
+
+
+@torch.inference_mode()
+def measure_step(folder: str, step: str) -> dict:
+    """One step in this process: load (every weight read once), then the step; seconds and peak RSS above."""
+    from .harness import reset_peak_rss, rss_status
+
+    start = reset_peak_rss()
+    began = time.perf_counter()
+    pipe = load_pipeline(folder)
+    weights = {tensor.data_ptr(): tensor for tensor in pipe.model.state_dict().values()}.values()
+    for tensor in weights:
+        tensor.sum()
+    loaded = {
+        "load_seconds": time.perf_counter() - began,
+        "weight_bytes": sum(tensor.nbytes for tensor in weights),
+        "load_peak_rss": rss_status()["VmHWM"] - start,
+    }
+    if step == "load":
+        return loaded
+    baseline = reset_peak_rss()
+    began = time.perf_counter()
+    STEPS[step](pipe)
+    return {**loaded, "seconds": time.perf_counter() - began, "peak_above_weights": rss_status()["VmHWM"] - baseline}
+
+
+def run_steps(folder: str, steps: list[str]) -> list[dict]:
+    rows = []
+    for step in steps:
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.real_size", "step", folder, step],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"step {step} failed:\n{result.stderr[-3000:]}")
+        rows.append({"step": step, **json.loads(result.stdout.strip().splitlines()[-1])})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.real_size", description=__doc__.split("\n\n")[0])
     steps = parser.add_subparsers(dest="step", required=True)
     components = steps.add_parser("components", help="write the three component checkpoints (about 11 GB)")
     components.add_argument("folder")
+    run = steps.add_parser("run", help="measure loading and each step at real size, each in a fresh process")
+    run.add_argument("folder", help="an exported emma-4b checkpoint")
+    run.add_argument("--steps", nargs="+", choices=["load", *STEPS], default=["load", *STEPS])
+    step = steps.add_parser("step", help="one measurement in this process (used by run); prints JSON")
+    step.add_argument("folder")
+    step.add_argument("name", choices=["load", *STEPS])
     args = parser.parse_args(argv)
-    for name, path in write_components(args.folder).items():
-        size = sum(file.stat().st_size for file in path.iterdir()) / 2**30
-        print(f"{name}: {path} ({size:.2f} GiB)")
+    if args.step == "components":
+        for name, path in write_components(args.folder).items():
+            size = sum(file.stat().st_size for file in path.iterdir()) / 2**30
+            print(f"{name}: {path} ({size:.2f} GiB)")
+    elif args.step == "run":
+        run_steps(args.folder, args.steps)
+    else:
+        print(json.dumps(measure_step(args.folder, args.name)))
     return 0
 
 

@@ -6,6 +6,7 @@ Needs about 35 GB of free disk (10.6 GB of component checkpoints, 12.5 GiB conve
 `EMMA_REAL_SIZE_DIR` names a folder to keep them in between runs.
 """
 
+import json
 import os
 import re
 import shutil
@@ -70,3 +71,21 @@ def test_convert_streams_within_115_percent_of_the_weights(converted):
     assert 12.0 < weights < 13.0 and ratio <= 1.15
     shards = sorted(path.name for path in (output / "model").glob("*.safetensors"))
     assert shards and (output / "model" / "model.safetensors.index.json").is_file()
+
+
+def measured(folder: Path, step: str) -> dict:
+    return json.loads(run_python("-m", "benchmarks.real_size", "step", str(folder), step).strip().splitlines()[-1])
+
+
+def test_loading_peaks_within_110_percent_of_the_weights(converted):
+    output, _ = converted
+    load = measured(output, "load")
+    assert load["load_peak_rss"] <= 1.1 * load["weight_bytes"], load
+
+
+@pytest.mark.parametrize("step", ["chat", "t2i-512", "edit-512"])
+def test_a_step_runs_at_real_size(converted, step):
+    output, _ = converted
+    result = measured(output, step)
+    print(f"{step}: {result['seconds']:.0f} s, {result['peak_above_weights'] / 2**30:.2f} GiB above the weights")
+    assert result["peak_above_weights"] < 4 * 2**30, result

@@ -65,17 +65,17 @@ def reset_peak_rss() -> int:
     return rss_status()["VmRSS"]
 
 
-def run_child(*args: str) -> dict:
-    """Run `python -m benchmarks.child ARGS` in a fresh process (its own peak memory) and return its JSON line."""
+def run_child(*args: str, module: str = "benchmarks.child") -> dict:
+    """Run `python -m MODULE ARGS` in a fresh process (its own peak memory) and return its JSON line."""
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.child", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
         check=False,
     )
     if result.returncode != 0:
-        raise RuntimeError(f"benchmarks.child {' '.join(args)} failed:\n{result.stderr[-3000:]}")
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -17,7 +17,6 @@ read once first, so the memory-mapped weights are resident before the step start
 import argparse
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -243,18 +242,11 @@ def measure_step(folder: str, step: str) -> dict:
 
 
 def run_steps(folder: str, steps: list[str]) -> list[dict]:
+    from .harness import run_child
+
     rows = []
     for step in steps:
-        result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.real_size", "step", folder, step],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-            check=False,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"step {step} failed:\n{result.stderr[-3000:]}")
-        rows.append({"step": step, **json.loads(result.stdout.strip().splitlines()[-1])})
+        rows.append({"step": step, **run_child("step", folder, step, module="benchmarks.real_size")})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 

@@ -110,3 +110,15 @@ def test_training_data_keeps_the_held_out_pair_out_of_generation(tmp_path):
     ]
     assert not held_out_targets
     assert "purple" in paths["understanding"].read_text() and "triangle" in paths["understanding"].read_text()
+
+
+def test_the_reconstruction_pass_rate_tells_a_trained_dc_ae_from_an_untrained_one():
+    from diffusers import AutoencoderDC
+
+    from emma_hf import EmmaForConditionalGeneration
+    from emma_hf.shapes.autoencoder import SHAPES_DC_AE_CONFIG, reconstruction_pass_rate
+    from emma_hf.shipped import shipped_model_path
+
+    trained = EmmaForConditionalGeneration.from_pretrained(shipped_model_path()).model.vae.eval()
+    assert reconstruction_pass_rate(trained, num_scenes=20) >= 0.85  # 189 of 200 measured
+    assert reconstruction_pass_rate(AutoencoderDC(**SHAPES_DC_AE_CONFIG).eval(), num_scenes=5) == 0.0

@@ -12,6 +12,7 @@ token belongs to a stream, `und` (text, context images) or `gen` (noisy latents)
 import copy
 import functools
 import inspect
+import json
 import os
 import re
 import tempfile
@@ -43,7 +44,7 @@ from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2MLP,
     Siglip2VisionEmbeddings,
 )
-from transformers.utils import ModelOutput, cached_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, ModelOutput, cached_file
 
 from .configuration_emma import EmmaConfig
 
@@ -54,6 +55,8 @@ CONTEXT_IMAGE_INPUTS = ("pixel_values", "vae_pixel_values", "image_grid_hw")
 # transformers 5.24 renamed the KV cache from `past_key_values` to `cache`: in model outputs, in `forward` arguments
 # and in what `generate()` and activation checkpointing hand over. EMMA uses the installed release's name, so one
 # source runs on the floor release (5.23) and on the newest.
+# `from_pretrained` keyword arguments that say where and how to fetch a Hub file.
+HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only")
 CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 
 
@@ -354,6 +357,17 @@ class ContextKVView:
         return self.cache.get_seq_length(layer_idx)
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """
+    Where `module` computes: the device of its weights, or, when accelerate offloads them (`device_map` with "disk"
+    or "cpu" offload; the weights then wait on the meta device), the device its hook brings them to.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(module.parameters()).device
+
+
 def as_image_list(images: ImageInput, argument: str, channels: int | None = None) -> list[torch.Tensor]:
     """Accept a `(N, C, H, W)` tensor or a sequence of `(C, H, W)` tensors of any sizes."""
     if isinstance(images, torch.Tensor):
@@ -420,6 +434,21 @@ class EmmaVisionMoeEncoderLayer(Siglip2EncoderLayer):
         return hidden_states + self.mlp(self.layer_norm2(hidden_states), expert_weights)
 
 
+class EmmaVisionEmbeddings(Siglip2VisionEmbeddings):
+    """
+    SigLIP2's patch and position embeddings, reading the position table by calling its embedding module rather than
+    through `.weight`, so that accelerate's offload hooks bring the table in when the tower's weights are offloaded.
+    """
+
+    def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.LongTensor) -> torch.Tensor:
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
+        rows = torch.arange(self.position_embedding.num_embeddings, device=patch_embeds.device)
+        table = self.position_embedding(rows).reshape(self.position_embedding_size, self.position_embedding_size, -1)
+        return patch_embeds + self.resize_positional_embeddings(
+            table, spatial_shapes, max_length=pixel_values.shape[1]
+        )
+
+
 class EmmaVisionTower(nn.Module):
     """
     SigLIP2 vision encoder (NaFlex patches, no pooling head) whose `vision_moe_layers` have expert MLPs. One router,
@@ -432,7 +461,7 @@ class EmmaVisionTower(nn.Module):
         super().__init__()
         vision_config = config.vision_config
         self.config = vision_config
-        self.embeddings = Siglip2VisionEmbeddings(vision_config)
+        self.embeddings = EmmaVisionEmbeddings(vision_config)
         self.encoder = Siglip2Encoder(vision_config)
         for layer_idx in config.vision_moe_layers:
             self.encoder.layers[layer_idx] = EmmaVisionMoeEncoderLayer(vision_config, config.vision_num_experts)
@@ -660,6 +689,22 @@ class EmmaLanguageModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def weights_subfolder(source: str, hub_kwargs: dict) -> str:
+    """The one subfolder a checkpoint's root weight index points into (an exported EMMA folder's `model`), or ""."""
+    index = cached_file(
+        source,
+        SAFE_WEIGHTS_INDEX_NAME,
+        **{key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs},
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if index is None:
+        return ""
+    with open(index) as file:
+        folders = {os.path.dirname(shard) for shard in json.load(file).get("weight_map", {}).values()}
+    return folders.pop() if len(folders) == 1 else ""
+
+
 class EmmaPreTrainedModel(PreTrainedModel):
     config: EmmaConfig
     config_class = EmmaConfig
@@ -667,7 +712,13 @@ class EmmaPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["EmmaDecoderLayer", "Siglip2EncoderLayer", "EmmaVisionMoeEncoderLayer", "AutoencoderDC"]
+    _no_split_modules = [
+        "EmmaDecoderLayer",
+        "EmmaVisionEmbeddings",
+        "Siglip2EncoderLayer",
+        "EmmaVisionMoeEncoderLayer",
+        "AutoencoderDC",
+    ]
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
@@ -697,6 +748,10 @@ class EmmaPreTrainedModel(PreTrainedModel):
         looks_like_a_path = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
         if looks_like_a_path and not os.path.isdir(source):
             raise OSError(f"no folder {source!r}; pass an exported EMMA folder or a Hub model id ('namespace/name')")
+        if "subfolder" not in kwargs:
+            # An exported folder keeps its weights under `model/` and indexes them from the root; transformers
+            # resolves some index paths (disk offload) from the shards' folder, so load from where the shards are.
+            kwargs["subfolder"] = weights_subfolder(source, kwargs)
         try:
             return super().from_pretrained(source, *args, use_safetensors=use_safetensors is not False, **kwargs)
         except SafetensorError as error:
@@ -846,10 +901,10 @@ class EmmaModel(EmmaPreTrainedModel):
         """Scaled DC-AE latents `(C, H/32, W/32)` of images in [-1, 1]; the DC-AE is frozen, so no gradient."""
         images = as_image_list(vae_pixel_values, "vae_pixel_values", channels=3)
         self.check_image_sizes(images, "vae_pixel_values", self.config.image_grid_size)
-        vae_param = next(self.vae.parameters())
+        vae_device, vae_dtype = execution_device(self.vae), next(self.vae.parameters()).dtype
         latents: list[torch.Tensor | None] = [None] * len(images)
         for indices in group_by_size(images).values():
-            batch = torch.stack([images[i] for i in indices]).to(device=vae_param.device, dtype=vae_param.dtype)
+            batch = torch.stack([images[i] for i in indices]).to(device=vae_device, dtype=vae_dtype)
             encoded = self.vae.encode(batch).latent * self.vae.config.scaling_factor
             for i, latent in zip(indices, encoded):
                 latents[i] = latent
@@ -869,21 +924,20 @@ class EmmaModel(EmmaPreTrainedModel):
         cell = self.config.image_grid_size
         self.check_image_sizes(images, "pixel_values", cell)
         patch_size = self.config.vision_config.patch_size
-        tower_param = self.vision_tower.embeddings.patch_embedding.weight
-        patches = [
-            patchify(image.to(device=tower_param.device, dtype=tower_param.dtype), patch_size) for image in images
-        ]
+        tower_device = execution_device(self.vision_tower)
+        tower_dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        patches = [patchify(image.to(device=tower_device, dtype=tower_dtype), patch_size) for image in images]
         patch_counts = [p.shape[0] for p in patches]
         padded = torch.zeros(
-            len(patches), max(patch_counts), patches[0].shape[-1], dtype=tower_param.dtype, device=tower_param.device
+            len(patches), max(patch_counts), patches[0].shape[-1], dtype=tower_dtype, device=tower_device
         )
-        patch_mask = torch.zeros(len(patches), max(patch_counts), dtype=torch.long, device=tower_param.device)
+        patch_mask = torch.zeros(len(patches), max(patch_counts), dtype=torch.long, device=tower_device)
         for i, p in enumerate(patches):
             padded[i, : p.shape[0]] = p
             patch_mask[i, : p.shape[0]] = 1
         spatial_shapes = torch.tensor(
             [[image.shape[-2] // patch_size, image.shape[-1] // patch_size] for image in images],
-            device=tower_param.device,
+            device=tower_device,
         )
         semantic = self.vision_tower(padded, patch_mask, spatial_shapes, self.router_mode)
         latents = self.encode_latents(vae_images)
@@ -904,7 +958,7 @@ class EmmaModel(EmmaPreTrainedModel):
     def embed_noisy_latents(self, noisy_latents: ImageInput, timesteps: torch.Tensor) -> list[torch.Tensor]:
         """Gen tokens, one `(h*w, hidden)` tensor per image: `gen_adapter(x_t)` + 2-D positions + timestep embedding."""
         latents = as_image_list(noisy_latents, "noisy_latents", channels=self.config.vae_config["latent_channels"])
-        timesteps = torch.as_tensor(timesteps, dtype=torch.float32, device=self.device).reshape(-1)
+        timesteps = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1)
         if timesteps.numel() == 1:
             timesteps = timesteps.expand(len(latents))
         if timesteps.numel() != len(latents):
@@ -912,7 +966,7 @@ class EmmaModel(EmmaPreTrainedModel):
                 f"timesteps must hold one value per generated image ({len(latents)}), got {timesteps.numel()}"
             )
         adapter_dtype = self.gen_adapter.linear_1.weight.dtype
-        time_embeds = self.time_embed(timesteps.to(self.gen_adapter.linear_1.weight.device))
+        time_embeds = self.time_embed(timesteps.to(execution_device(self.gen_adapter)))
         tokens = []
         for latent, time_embed in zip(latents, time_embeds):
             embeds = self.gen_adapter(flatten_grid(latent.to(device=time_embed.device, dtype=adapter_dtype)))

@@ -30,7 +30,7 @@ from ..hub import export_checkpoint
 from ..modeling_emma import EmmaForConditionalGeneration
 from ..processing_emma import EmmaImageProcessor, EmmaProcessor
 from ..training import TrainConfig, run_training
-from .autoencoder import train_autoencoder
+from .autoencoder import reconstruction_pass_rate, train_autoencoder
 from .data import corpus, edit_set, prompt_set, vocabulary, write_training_data
 from .evaluate import score_edits, score_prompts
 from .tokenizer import train_bpe_tokenizer
@@ -307,8 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.step == "run":
         print(f"wrote {run_recipe(args.recipe)}")
     elif args.step == "autoencoder":
-        train_autoencoder(args.output, max_steps=args.steps, canvas=CANVAS)
-        print(f"wrote {args.output}")
+        autoencoder = train_autoencoder(args.output, max_steps=args.steps, canvas=CANVAS).eval()
+        print(f"wrote {args.output}; reconstructions pass the checker on {reconstruction_pass_rate(autoencoder):.3f}")
     elif args.step == "data":
         from tqdm.auto import tqdm
 

@@ -15,6 +15,7 @@ read once first, so the memory-mapped weights are resident before the step start
 """
 
 import argparse
+import importlib.abc
 import importlib.util
 import json
 import sys
@@ -26,8 +27,6 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderDC
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3ForCausalLM, Siglip2Config, Siglip2Model
-
-from emma_hf.configuration_emma import DC_AE_F32C32_CONFIG
 
 
 # config.json of Qwen/Qwen3-4B as published.
@@ -171,6 +170,8 @@ def write_components(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     fill_randomly(vision, generator)
     vision.save_pretrained(paths["vision"])
     del vision
+    from emma_hf.configuration_emma import DC_AE_F32C32_CONFIG
+
     vae = AutoencoderDC(**DC_AE_F32C32_CONFIG).to(torch.bfloat16)
     fill_randomly(vae, generator)
     vae.save_pretrained(paths["vae"])
@@ -181,6 +182,14 @@ def load_pipeline(folder: str):
     from emma_hf import EmmaPipeline
 
     return EmmaPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+
+
+class HideEmmaHf(importlib.abc.MetaPathFinder):
+    """Makes `emma_hf` unimportable, as on a machine that has only the checkpoint's remote code."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "emma_hf":
+            raise ModuleNotFoundError(f"{name} is hidden to measure loading with remote code")
 
 
 def random_image(side: int) -> PIL.Image.Image:
@@ -207,6 +216,8 @@ def decode(pipe, side: int) -> None:
     vae.decode(latents)
 
 
+# `load` with emma_hf installed; `load-remote-code` with only the checkpoint's code (emma_hf hidden).
+LOADS = ("load", "load-remote-code")
 STEPS = {
     "chat": chat,
     "t2i-512": lambda pipe: denoising_step(pipe, 512, edit=False),
@@ -222,10 +233,19 @@ def measure_step(folder: str, step: str) -> dict:
     """One step in this process: load (every weight read once), then the step; seconds and peak RSS above."""
     from .harness import reset_peak_rss, rss_status
 
-    start = reset_peak_rss()
-    began = time.perf_counter()
-    pipe = load_pipeline(folder)
-    weights = {tensor.data_ptr(): tensor for tensor in pipe.model.state_dict().values()}.values()
+    if step == "load-remote-code":
+        from transformers import AutoModelForImageTextToText
+
+        sys.meta_path.insert(0, HideEmmaHf())
+        start = reset_peak_rss()
+        began = time.perf_counter()
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True)
+    else:
+        start = reset_peak_rss()
+        began = time.perf_counter()
+        pipe = load_pipeline(folder)
+        model = pipe.model
+    weights = {tensor.data_ptr(): tensor for tensor in model.state_dict().values()}.values()
     for tensor in weights:
         tensor.sum()
     loaded = {
@@ -233,7 +253,7 @@ def measure_step(folder: str, step: str) -> dict:
         "weight_bytes": sum(tensor.nbytes for tensor in weights),
         "load_peak_rss": rss_status()["VmHWM"] - start,
     }
-    if step == "load":
+    if step in ("load", "load-remote-code"):
         return loaded
     baseline = reset_peak_rss()
     began = time.perf_counter()
@@ -258,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     components.add_argument("folder")
     run = steps.add_parser("run", help="measure loading and each step at real size, each in a fresh process")
     run.add_argument("folder", help="an exported emma-4b checkpoint")
-    run.add_argument("--steps", nargs="+", choices=["load", *STEPS], default=["load", *STEPS])
+    run.add_argument("--steps", nargs="+", choices=[*LOADS, *STEPS], default=[*LOADS, *STEPS])
     step = steps.add_parser("step", help="one measurement in this process (used by run); prints JSON")
     step.add_argument("folder")
-    step.add_argument("name", choices=["load", *STEPS])
+    step.add_argument("name", choices=[*LOADS, *STEPS])
     args = parser.parse_args(argv)
     if args.step == "components":
         for name, path in write_components(args.folder).items():

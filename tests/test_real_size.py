@@ -77,9 +77,11 @@ def measured(folder: Path, step: str) -> dict:
     return json.loads(run_python("-m", "benchmarks.real_size", "step", str(folder), step).strip().splitlines()[-1])
 
 
-def test_loading_peaks_within_110_percent_of_the_weights(converted):
+@pytest.mark.parametrize("load", ["load", "load-remote-code"])
+def test_loading_peaks_within_110_percent_of_the_weights(converted, load):
+    """With emma_hf installed, and with only the checkpoint's remote code."""
     output, _ = converted
-    load = measured(output, "load")
+    load = measured(output, load)
     assert load["load_peak_rss"] <= 1.1 * load["weight_bytes"], load
 
 

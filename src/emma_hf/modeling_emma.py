@@ -748,7 +748,7 @@ class EmmaPreTrainedModel(PreTrainedModel):
         looks_like_a_path = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
         if looks_like_a_path and not os.path.isdir(source):
             raise OSError(f"no folder {source!r}; pass an exported EMMA folder or a Hub model id ('namespace/name')")
-        if "subfolder" not in kwargs:
+        if not kwargs.get("subfolder"):  # Auto classes pass subfolder="" when the caller gave none
             # An exported folder keeps its weights under `model/` and indexes them from the root; transformers
             # resolves some index paths (disk offload) from the shards' folder, so load from where the shards are.
             kwargs["subfolder"] = weights_subfolder(source, kwargs)

@@ -50,11 +50,14 @@ def interleaved_medians(
 
 
 def rss_status() -> dict[str, int]:
-    """Current (`VmRSS`) and peak (`VmHWM`) resident memory of this process, in bytes (Linux)."""
+    """
+    Current (`VmRSS`) and peak (`VmHWM`) resident memory of this process, in bytes (Linux); `RssAnon` and `RssFile`
+    split the current one into memory the process allocated and pages of files it maps (such as safetensors).
+    """
     values = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             values[key] = int(rest.split()[0]) * 1024
     return values
 

@@ -19,7 +19,9 @@ import importlib.abc
 import importlib.util
 import json
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -178,10 +180,12 @@ def write_components(folder: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
-def load_pipeline(folder: str):
+def load_pipeline(folder: str, quantization: str, **loading):
     from emma_hf import EmmaPipeline
+    from emma_hf.testing_utils import quantization_config
 
-    return EmmaPipeline.from_pretrained(folder, dtype=torch.bfloat16)
+    settings = {} if quantization == "bf16" else {"quantization_config": quantization_config(quantization)}
+    return EmmaPipeline.from_pretrained(folder, dtype=torch.bfloat16, **settings, **loading)
 
 
 class HideEmmaHf(importlib.abc.MetaPathFinder):
@@ -210,14 +214,40 @@ def denoising_step(pipe, side: int, edit: bool) -> None:
     pipe("a red apple on a table", height=side, width=side, num_inference_steps=1, output_type="latent", **image)
 
 
+def lora_step(pipe, rows: int, quantization: str) -> None:
+    """
+    One optimiser step of a `generation`-preset LoRA (r=16) with gradient checkpointing on `rows` 512x512 edits; a
+    quantised model is prepared the QLoRA way (PEFT's `prepare_model_for_kbit_training`).
+    """
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from emma_hf.testing_utils import edit_batch
+    from emma_hf.training.lora import emma_lora_config
+
+    model = pipe.model
+    if quantization == "bf16":
+        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    else:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    model = get_peft_model(model, emma_lora_config(model, "generation"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(**edit_batch(model.config, 512, rows)).loss.backward()
+    optimizer.step()
+
+
 def decode(pipe, side: int) -> None:
     vae = pipe.model.model.vae
     latents = torch.randn(1, vae.config.latent_channels, side // 32, side // 32, dtype=vae.dtype)
     vae.decode(latents)
 
 
-# `load` with emma_hf installed; `load-remote-code` with only the checkpoint's code (emma_hf hidden).
-LOADS = ("load", "load-remote-code")
+# `load` with emma_hf installed; `load-remote-code` with only the checkpoint's code (emma_hf hidden);
+# `chat-offloaded`: accelerate's `device_map="auto"` with a CPU budget of OFFLOAD_CPU_BUDGET, the rest on disk, then
+# `chat`.
+LOADS = ("load", "load-remote-code", "chat-offloaded")
+OFFLOAD_CPU_BUDGET = "3GiB"
 STEPS = {
     "chat": chat,
     "t2i-512": lambda pipe: denoising_step(pipe, 512, edit=False),
@@ -226,13 +256,45 @@ STEPS = {
     "edit-1024": lambda pipe: denoising_step(pipe, 1024, edit=True),
     "decode-1024": lambda pipe: decode(pipe, 1024),
 }
+TRAINING_STEPS = {
+    "lora-step-512x1": lambda pipe, quantization: lora_step(pipe, 1, quantization),
+    "lora-step-512x4": lambda pipe, quantization: lora_step(pipe, 4, quantization),
+}
+# `bf16`, or one of emma_hf.testing_utils.QUANTIZATIONS (every setting at the library's default, no skip list).
+QUANTIZATIONS = ("bf16", "bnb-8bit", "bnb-4bit", "torchao-int8")
 
 
-@torch.inference_mode()
-def measure_step(folder: str, step: str) -> dict:
+def measure_step(folder: str, step: str, quantization: str = "bf16") -> dict:
     """One step in this process: load (every weight read once), then the step; seconds and peak RSS above."""
+    with torch.inference_mode(step not in TRAINING_STEPS):
+        return measure_step_in_mode(folder, step, quantization)
+
+
+def measure_step_in_mode(folder: str, step: str, quantization: str) -> dict:
     from .harness import reset_peak_rss, rss_status
 
+    if step == "chat-offloaded":
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".offload-") as offload_folder:
+            start = reset_peak_rss()
+            began = time.perf_counter()
+            pipe = load_pipeline(
+                folder,
+                quantization,
+                device_map="auto",
+                max_memory={"cpu": OFFLOAD_CPU_BUDGET},
+                offload_folder=offload_folder,
+            )
+            placed = Counter(pipe.model.hf_device_map.values())
+            loaded = {"load_seconds": time.perf_counter() - began, "load_peak_rss": rss_status()["VmHWM"] - start}
+            chat(pipe)
+            offloaded_bytes = sum(f.stat().st_size for f in Path(offload_folder).rglob("*") if f.is_file())
+        return {
+            **loaded,
+            "seconds": time.perf_counter() - began - loaded["load_seconds"],
+            "peak_rss": rss_status()["VmHWM"] - start,
+            "modules_on": dict(placed),
+            "offload_folder_bytes": offloaded_bytes,
+        }
     if step == "load-remote-code":
         from transformers import AutoModelForImageTextToText
 
@@ -243,30 +305,43 @@ def measure_step(folder: str, step: str) -> dict:
     else:
         start = reset_peak_rss()
         began = time.perf_counter()
-        pipe = load_pipeline(folder)
+        pipe = load_pipeline(folder, quantization)
         model = pipe.model
-    weights = {tensor.data_ptr(): tensor for tensor in model.state_dict().values()}.values()
-    for tensor in weights:
-        tensor.sum()
-    loaded = {
-        "load_seconds": time.perf_counter() - began,
-        "weight_bytes": sum(tensor.nbytes for tensor in weights),
-        "load_peak_rss": rss_status()["VmHWM"] - start,
-    }
+    loaded = {"load_seconds": time.perf_counter() - began}
+    if quantization == "bf16":
+        # The weights are memory-mapped: read each once, so that they count as resident before the step.
+        weights = {tensor.data_ptr(): tensor for tensor in model.state_dict().values()}.values()
+        for tensor in weights:
+            tensor.sum()
+        loaded["weight_bytes"] = sum(tensor.nbytes for tensor in weights)
+    # Quantised weights are made in memory while loading, but the bf16 pages they were made from stay mapped (and
+    # count in RSS) while the modules kept in bf16 still point into the same files: `loaded_rss_anon` is what the
+    # process allocated, `loaded_rss_file` the mapped checkpoint pages, which the kernel can drop and read again.
+    status = rss_status()
+    loaded.update(
+        load_peak_rss=status["VmHWM"] - start,
+        loaded_rss=status["VmRSS"] - start,
+        loaded_rss_anon=status["RssAnon"],
+        loaded_rss_file=status["RssFile"],
+    )
     if step in ("load", "load-remote-code"):
         return loaded
     baseline = reset_peak_rss()
     began = time.perf_counter()
-    STEPS[step](pipe)
+    if step in TRAINING_STEPS:
+        TRAINING_STEPS[step](pipe, quantization)
+    else:
+        STEPS[step](pipe)
     return {**loaded, "seconds": time.perf_counter() - began, "peak_above_weights": rss_status()["VmHWM"] - baseline}
 
 
-def run_steps(folder: str, steps: list[str]) -> list[dict]:
+def run_steps(folder: str, steps: list[str], quantization: str = "bf16") -> list[dict]:
     from .harness import run_child
 
     rows = []
     for step in steps:
-        rows.append({"step": step, **run_child("step", folder, step, module="benchmarks.real_size")})
+        measured = run_child("step", folder, step, "--quantization", quantization, module="benchmarks.real_size")
+        rows.append({"step": step, "quantization": quantization, **measured})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -278,19 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     components.add_argument("folder")
     run = steps.add_parser("run", help="measure loading and each step at real size, each in a fresh process")
     run.add_argument("folder", help="an exported emma-4b checkpoint")
-    run.add_argument("--steps", nargs="+", choices=[*LOADS, *STEPS], default=[*LOADS, *STEPS])
+    run.add_argument("--steps", nargs="+", choices=[*LOADS, *STEPS, *TRAINING_STEPS], default=[*LOADS, *STEPS])
+    run.add_argument("--quantization", choices=QUANTIZATIONS, default="bf16")
     step = steps.add_parser("step", help="one measurement in this process (used by run); prints JSON")
     step.add_argument("folder")
-    step.add_argument("name", choices=[*LOADS, *STEPS])
+    step.add_argument("name", choices=[*LOADS, *STEPS, *TRAINING_STEPS])
+    step.add_argument("--quantization", choices=QUANTIZATIONS, default="bf16")
     args = parser.parse_args(argv)
     if args.step == "components":
         for name, path in write_components(args.folder).items():
             size = sum(file.stat().st_size for file in path.iterdir()) / 2**30
             print(f"{name}: {path} ({size:.2f} GiB)")
     elif args.step == "run":
-        run_steps(args.folder, args.steps)
+        run_steps(args.folder, args.steps, args.quantization)
     else:
-        print(json.dumps(measure_step(args.folder, args.name)))
+        print(json.dumps(measure_step(args.folder, args.name, args.quantization)))
     return 0
 
 

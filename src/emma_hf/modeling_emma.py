@@ -368,6 +368,17 @@ def execution_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """
+    The dtype `module` computes in: that of its first floating-point parameter. Quantised weights (bitsandbytes'
+    int8 and packed 4-bit tensors) are storage, not a dtype to cast inputs to.
+    """
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.get_default_dtype()
+
+
 def as_image_list(images: ImageInput, argument: str, channels: int | None = None) -> list[torch.Tensor]:
     """Accept a `(N, C, H, W)` tensor or a sequence of `(C, H, W)` tensors of any sizes."""
     if isinstance(images, torch.Tensor):
@@ -441,7 +452,7 @@ class EmmaVisionEmbeddings(Siglip2VisionEmbeddings):
     """
 
     def forward(self, pixel_values: torch.Tensor, spatial_shapes: torch.LongTensor) -> torch.Tensor:
-        patch_embeds = self.patch_embedding(pixel_values.to(dtype=self.patch_embedding.weight.dtype))
+        patch_embeds = self.patch_embedding(pixel_values.to(dtype=compute_dtype(self.patch_embedding)))
         rows = torch.arange(self.position_embedding.num_embeddings, device=patch_embeds.device)
         table = self.position_embedding(rows).reshape(self.position_embedding_size, self.position_embedding_size, -1)
         return patch_embeds + self.resize_positional_embeddings(
@@ -525,7 +536,8 @@ class EmmaMLP(nn.Module):
         self.linear_2 = nn.Linear(hidden_features, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
+        # Kept in high precision (`_keep_in_fp32_modules`), so its input may come from a decoder in another dtype.
+        return self.linear_2(self.act(self.linear_1(x.to(compute_dtype(self.linear_1)))))
 
 
 class EmmaTimestepEmbedding(nn.Module):
@@ -538,7 +550,7 @@ class EmmaTimestepEmbedding(nn.Module):
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
         features = self.time_proj(timesteps.float() * 1000)
-        return self.timestep_embedder(features.to(self.timestep_embedder.linear_1.weight.dtype))
+        return self.timestep_embedder(features.to(compute_dtype(self.timestep_embedder)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -718,6 +730,15 @@ class EmmaPreTrainedModel(PreTrainedModel):
         "Siglip2EncoderLayer",
         "EmmaVisionMoeEncoderLayer",
         "AutoencoderDC",
+    ]
+    # Quantisation (bitsandbytes, torchao, quanto) leaves these in the loading dtype and float16 loading keeps them in
+    # float32: the image encoders, the adapters, the timestep embedding and the velocity head are small, and
+    # quantising them costs image quality (and 4-bit CPU kernels refuse their input sizes). Each is named with and
+    # without the `model.` prefix, since transformers matches module paths from their start.
+    _keep_in_fp32_modules = [
+        prefix + name
+        for name in ("vision_tower", "vae", "und_adapter", "gen_adapter", "time_embed", "velocity_head")
+        for prefix in ("", "model.")
     ]
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
@@ -901,7 +922,7 @@ class EmmaModel(EmmaPreTrainedModel):
         """Scaled DC-AE latents `(C, H/32, W/32)` of images in [-1, 1]; the DC-AE is frozen, so no gradient."""
         images = as_image_list(vae_pixel_values, "vae_pixel_values", channels=3)
         self.check_image_sizes(images, "vae_pixel_values", self.config.image_grid_size)
-        vae_device, vae_dtype = execution_device(self.vae), next(self.vae.parameters()).dtype
+        vae_device, vae_dtype = execution_device(self.vae), compute_dtype(self.vae)
         latents: list[torch.Tensor | None] = [None] * len(images)
         for indices in group_by_size(images).values():
             batch = torch.stack([images[i] for i in indices]).to(device=vae_device, dtype=vae_dtype)
@@ -925,7 +946,7 @@ class EmmaModel(EmmaPreTrainedModel):
         self.check_image_sizes(images, "pixel_values", cell)
         patch_size = self.config.vision_config.patch_size
         tower_device = execution_device(self.vision_tower)
-        tower_dtype = self.vision_tower.embeddings.patch_embedding.weight.dtype
+        tower_dtype = compute_dtype(self.vision_tower.embeddings.patch_embedding)
         patches = [patchify(image.to(device=tower_device, dtype=tower_dtype), patch_size) for image in images]
         patch_counts = [p.shape[0] for p in patches]
         padded = torch.zeros(
@@ -942,13 +963,12 @@ class EmmaModel(EmmaPreTrainedModel):
         semantic = self.vision_tower(padded, patch_mask, spatial_shapes, self.router_mode)
         latents = self.encode_latents(vae_images)
         factor = self.config.vision_unshuffle_factor
-        adapter_dtype = self.und_adapter.linear_1.weight.dtype
         tokens = []
         for i, latent in enumerate(latents):
             patch_h, patch_w = spatial_shapes[i].tolist()
             grid = semantic[i, : patch_h * patch_w].reshape(patch_h, patch_w, -1).permute(2, 0, 1)
             fused = torch.cat([F.pixel_unshuffle(grid, factor), latent.to(grid.device, grid.dtype)])
-            embeds = self.und_adapter(flatten_grid(fused).to(adapter_dtype))
+            embeds = self.und_adapter(flatten_grid(fused))
             positions = sincos_2d(
                 *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
             )
@@ -965,11 +985,10 @@ class EmmaModel(EmmaPreTrainedModel):
             raise ValueError(
                 f"timesteps must hold one value per generated image ({len(latents)}), got {timesteps.numel()}"
             )
-        adapter_dtype = self.gen_adapter.linear_1.weight.dtype
         time_embeds = self.time_embed(timesteps.to(execution_device(self.gen_adapter)))
         tokens = []
         for latent, time_embed in zip(latents, time_embeds):
-            embeds = self.gen_adapter(flatten_grid(latent.to(device=time_embed.device, dtype=adapter_dtype)))
+            embeds = self.gen_adapter(flatten_grid(latent.to(time_embed.device)))
             positions = sincos_2d(
                 *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
             )
@@ -1347,6 +1366,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             raise ValueError(f"noisy_latents has batch {batch} but the context was encoded for {context.batch_size}")
         num_tokens = height * width
         gen_embeds = torch.stack(self.model.embed_noisy_latents(noisy_latents, torch.as_tensor(timesteps)))
+        gen_embeds = gen_embeds.to(compute_dtype(self.get_input_embeddings()))
         device = gen_embeds.device
         context_keys = context.attention_mask.to(device) != 0
         keys = torch.cat([context_keys, torch.ones(batch, num_tokens, dtype=torch.bool, device=device)], dim=1)

@@ -124,7 +124,8 @@ class EmmaPipeline(DiffusionPipeline):
         checkpoint's own code); otherwise, or for a local folder without code (no `model_index.json`, such as the
         shipped model), the components load through the transformers Auto classes, which needs `emma_hf` installed.
         Keyword arguments go to every component (e.g. `revision`, `cache_dir`) and to the model (e.g. `dtype`,
-        `device_map`).
+        `device_map`, `quantization_config`); as in diffusers, `model=`, `processor=` or `scheduler=` pass a component
+        that is used as given instead of loaded.
         """
         source = os.fspath(pretrained_model_name_or_path)
         if (os.path.isabs(source) or source.startswith(".") or source.count("/") > 1) and not os.path.isdir(source):
@@ -134,10 +135,11 @@ class EmmaPipeline(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        given = {name: kwargs.pop(name) for name in ("model", "processor", "scheduler") if name in kwargs}
         shared = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        model = AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **kwargs)
-        processor = AutoProcessor.from_pretrained(pretrained_model_name_or_path, **shared)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+        model = given.get("model") or AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        processor = given.get("processor") or AutoProcessor.from_pretrained(pretrained_model_name_or_path, **shared)
+        scheduler = given.get("scheduler") or FlowMatchEulerDiscreteScheduler.from_pretrained(
             pretrained_model_name_or_path, subfolder="scheduler", **shared
         )
         return cls(model=model, processor=processor, scheduler=scheduler)

@@ -1,6 +1,7 @@
 """
 Hand-built EMMA inputs for tests and benchmarks: token spans with image placeholders, random images and latents,
-and a mixed batch of all three tasks. No tokenizer or data files needed.
+a mixed batch of all three tasks and a batch of edits; the quantisation settings tests and benchmarks compare. No
+tokenizer or data files needed.
 """
 
 import torch
@@ -60,3 +61,41 @@ def mixed_batch(config: EmmaConfig, size: int = 64) -> dict:
         "noise": torch.stack([random_latent(config, size, size, 5), random_latent(config, size, size, 6)]),
         "timesteps": torch.tensor([0.3, 0.7]),
     }
+
+
+def edit_batch(config: EmmaConfig, size: int, rows: int) -> dict:
+    """`rows` edits at `size`x`size` (context image in, image out), the generation preset's training sample."""
+    row = [
+        31,
+        *image_span(config.image_token_id, config, size, size),
+        32,
+        33,
+        *image_span(config.gen_token_id, config, size, size),
+    ]
+    images = torch.stack([random_image(size, size, seed) for seed in range(rows)])
+    return {
+        "input_ids": torch.tensor([row] * rows),
+        "attention_mask": torch.ones(rows, len(row), dtype=torch.long),
+        "pixel_values": images,
+        "vae_pixel_values": images,
+        "target_latents": torch.stack([random_latent(config, size, size, 100 + i) for i in range(rows)]),
+        "noise": torch.stack([random_latent(config, size, size, 200 + i) for i in range(rows)]),
+        "timesteps": torch.linspace(0.2, 0.8, rows),
+    }
+
+
+QUANTIZATIONS = ("bnb-8bit", "bnb-4bit", "torchao-int8")
+
+
+def quantization_config(name: str):
+    """transformers' quantisation config for `name` in `QUANTIZATIONS`, every setting at the library's default."""
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantisation {name!r}; use one of {QUANTIZATIONS}")
+    if name == "torchao-int8":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True) if name == "bnb-8bit" else BitsAndBytesConfig(load_in_4bit=True)

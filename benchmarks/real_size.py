@@ -226,7 +226,7 @@ def lora_step(pipe, rows: int, quantization: str) -> None:
 
     model = pipe.model
     if quantization == "bf16":
-        model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     else:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)

@@ -215,6 +215,16 @@ def test_installed_loading_and_save_pretrained_round_trip(pipe, tmp_path):
     assert weight_files and all(path.parent == tmp_path / "saved" / "model" for path in weight_files)
 
 
+def test_components_passed_to_from_pretrained_are_used_as_given(pipe, tmp_path):
+    """diffusers' convention: `from_pretrained(folder, model=..., scheduler=...)` loads only the others."""
+    pipe.save_pretrained(tmp_path / "saved")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    reloaded = EmmaPipeline.from_pretrained(tmp_path / "saved", model=pipe.model, scheduler=scheduler)
+    assert reloaded.model is pipe.model and reloaded.scheduler is scheduler
+    assert reloaded.processor is not pipe.processor
+    assert reloaded.processor.tokenizer.get_vocab() == pipe.processor.tokenizer.get_vocab()
+
+
 def rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -2,7 +2,8 @@
 EMMA-4B at its real size on a CPU (slow: `python -m pytest -m slow tests/test_real_size.py`).
 
 Needs about 35 GB of free disk (10.6 GB of component checkpoints, 12.5 GiB converted) and 24 GB of memory; about
-25 minutes on 2 cores. The files go under pytest's temporary folder and are deleted afterwards, unless
+25 minutes on 2 cores for conversion, loading and the bf16 steps, and about 60 more for the quantised, fine-tuning
+and offload steps (bitsandbytes and torchao: `pip install -e ".[quantization]"`). The files go under pytest's temporary folder and are deleted afterwards, unless
 `EMMA_REAL_SIZE_DIR` names a folder to keep them in between runs.
 """
 
@@ -73,8 +74,9 @@ def test_convert_streams_within_115_percent_of_the_weights(converted):
     assert shards and (output / "model" / "model.safetensors.index.json").is_file()
 
 
-def measured(folder: Path, step: str) -> dict:
-    return json.loads(run_python("-m", "benchmarks.real_size", "step", str(folder), step).strip().splitlines()[-1])
+def measured(folder: Path, step: str, quantization: str = "bf16") -> dict:
+    stdout = run_python("-m", "benchmarks.real_size", "step", str(folder), step, "--quantization", quantization)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("load", ["load", "load-remote-code"])
@@ -91,3 +93,30 @@ def test_a_step_runs_at_real_size(converted, step):
     result = measured(output, step)
     print(f"{step}: {result['seconds']:.0f} s, {result['peak_above_weights'] / 2**30:.2f} GiB above the weights")
     assert result["peak_above_weights"] < 4 * 2**30, result
+
+
+@pytest.mark.parametrize("quantization", ["bnb-8bit", "bnb-4bit", "torchao-int8"])
+def test_quantised_loading_chats_without_a_skip_list(converted, quantization):
+    pytest.importorskip("torchao" if quantization == "torchao-int8" else "bitsandbytes")
+    output, _ = converted
+    result = measured(output, "chat", quantization)
+    print(f"{quantization} chat: {result['seconds']:.0f} s, {result['loaded_rss_anon'] / 2**30:.2f} GiB allocated")
+    # The quantised decoder is allocated; the bf16 modules stay mapped from the checkpoint.
+    assert result["loaded_rss_anon"] < (8 if quantization == "bnb-4bit" else 10) * 2**30, result
+
+
+@pytest.mark.parametrize("quantization", ["bf16", "bnb-4bit"])
+def test_a_lora_step_runs_at_real_size(converted, quantization):
+    if quantization != "bf16":
+        pytest.importorskip("bitsandbytes")
+    output, _ = converted
+    result = measured(output, "lora-step-512x1", quantization)
+    print(f"{quantization} LoRA step: {result['seconds']:.0f} s, +{result['peak_above_weights'] / 2**30:.2f} GiB")
+    assert result["peak_above_weights"] < 8 * 2**30, result
+
+
+def test_chat_offloaded_to_disk_with_a_small_cpu_budget(converted):
+    output, _ = converted
+    result = measured(output, "chat-offloaded")
+    assert result["modules_on"].get("disk", 0) > 0, result
+    assert result["peak_rss"] < 0.4 * 12.48 * 2**30, result

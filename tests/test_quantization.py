@@ -77,6 +77,17 @@ UPDATE_TOLERANCE = {"bnb-8bit": 0.03, "bnb-4bit": 0.1, "torchao-int8": 0.03, "fl
 
 
 @pytest.mark.parametrize("name", QUANTIZATIONS)
+def test_quantisation_spares_the_declared_high_precision_modules(name):
+    model = load(name)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    kept = {n: m for n, m in linears.items() if n.startswith(HIGH_PRECISION + HIGH_PRECISION_HEADS)}
+    decoder = {n: m for n, m in linears.items() if ".language_model.layers." in n}
+    assert kept and decoder and kept.keys().isdisjoint(decoder)
+    assert all(is_plain(m.weight, torch.bfloat16) for m in kept.values())
+    assert not any(is_plain(m.weight, torch.bfloat16) for m in decoder.values())
+
+
+@pytest.mark.parametrize("name", QUANTIZATIONS)
 def test_quantised_model_answers_and_denoises_as_the_bf16_model(name, reference):
     outputs = sample_outputs(load(name))
     agree = sum(a == b for a, b in zip(outputs["answers"], reference["answers"]))

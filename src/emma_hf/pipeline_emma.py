@@ -137,7 +137,9 @@ class EmmaPipeline(DiffusionPipeline):
 
         given = {name: kwargs.pop(name) for name in ("model", "processor", "scheduler") if name in kwargs}
         shared = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
-        model = given.get("model") or AutoModelForImageTextToText.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        model = given.get("model") or AutoModelForImageTextToText.from_pretrained(
+            pretrained_model_name_or_path, **kwargs
+        )
         processor = given.get("processor") or AutoProcessor.from_pretrained(pretrained_model_name_or_path, **shared)
         scheduler = given.get("scheduler") or FlowMatchEulerDiscreteScheduler.from_pretrained(
             pretrained_model_name_or_path, subfolder="scheduler", **shared

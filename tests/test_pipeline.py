@@ -225,6 +225,17 @@ def test_components_passed_to_from_pretrained_are_used_as_given(pipe, tmp_path):
     assert reloaded.processor.tokenizer.get_vocab() == pipe.processor.tokenizer.get_vocab()
 
 
+def test_from_pretrained_reads_a_plain_save_pretrained_folder(pipe, tmp_path):
+    """A Trainer checkpoint (`model.save_pretrained` + processor, no `scheduler/`) draws as its export would."""
+    pipe.model.save_pretrained(tmp_path / "checkpoint")
+    pipe.processor.save_pretrained(tmp_path / "checkpoint")
+    reloaded = EmmaPipeline.from_pretrained(tmp_path / "checkpoint")
+    expected = FlowMatchEulerDiscreteScheduler(**pipe.model.config.flow_scheduler_config())
+    assert dict(reloaded.scheduler.config) == dict(expected.config)
+    reloaded.set_progress_bar_config(disable=True)
+    assert torch.equal(draw(reloaded), draw(pipe))
+
+
 def rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

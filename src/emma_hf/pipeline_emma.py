@@ -120,7 +120,8 @@ class EmmaPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "EmmaPipeline":
         """
-        Load an exported EMMA folder or Hub id. With `trust_remote_code=True` this is diffusers' loader (the
+        Load an exported EMMA folder or Hub id, or a folder of `model.save_pretrained` (a Trainer checkpoint), whose
+        scheduler is then the one an export would write. With `trust_remote_code=True` this is diffusers' loader (the
         checkpoint's own code); otherwise, or for a local folder without code (no `model_index.json`, such as the
         shipped model), the components load through the transformers Auto classes, which needs `emma_hf` installed.
         Keyword arguments go to every component (e.g. `revision`, `cache_dir`) and to the model (e.g. `dtype`,
@@ -141,9 +142,14 @@ class EmmaPipeline(DiffusionPipeline):
             pretrained_model_name_or_path, **kwargs
         )
         processor = given.get("processor") or AutoProcessor.from_pretrained(pretrained_model_name_or_path, **shared)
-        scheduler = given.get("scheduler") or FlowMatchEulerDiscreteScheduler.from_pretrained(
-            pretrained_model_name_or_path, subfolder="scheduler", **shared
-        )
+        scheduler = given.get("scheduler")
+        if scheduler is None and without_code and not os.path.isdir(os.path.join(source, "scheduler")):
+            # A folder of `model.save_pretrained` or a Trainer checkpoint: the scheduler an export would write.
+            scheduler = FlowMatchEulerDiscreteScheduler(**model.config.flow_scheduler_config())
+        elif scheduler is None:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+                pretrained_model_name_or_path, subfolder="scheduler", **shared
+            )
         return cls(model=model, processor=processor, scheduler=scheduler)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:

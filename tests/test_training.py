@@ -14,6 +14,7 @@ from emma_hf.training import (
     STAGES,
     DataError,
     EmmaCollator,
+    EmmaSample,
     JsonlDataset,
     TaskMixture,
     apply_stage,
@@ -327,3 +328,33 @@ def test_expert_tuning_starts_the_stem_expert_from_the_tuned_versatile_expert(re
         expected = experts[0].fc1.weight if reinitialize else old
         assert torch.equal(experts[1].fc1.weight, expected)
         assert torch.equal(experts[1].fc2.bias, experts[0].fc2.bias) or not reinitialize
+
+
+def test_the_plain_trainer_trains_with_default_arguments(toy, tmp_path):
+    """`remove_unused_columns=True` (the default) strips dict samples to `forward`'s names; `EmmaSample` stays whole."""
+    from transformers import Trainer, TrainingArguments
+
+    model, processor = tiny_chat_model(seed=0)
+    mixture = TaskMixture({task: JsonlDataset(path, task) for task, path in toy.items()})
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    arguments = TrainingArguments(
+        tmp_path, max_steps=2, per_device_train_batch_size=3, use_cpu=True, report_to=[], save_strategy="no"
+    )
+    assert arguments.remove_unused_columns
+    trainer = Trainer(model, arguments, train_dataset=mixture, data_collator=EmmaCollator(processor, model.config))
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    moved = [name for name, parameter in model.named_parameters() if not torch.equal(parameter, before[name])]
+    assert any("velocity_head" in name for name in moved) and any(
+        "lm_head" in name or "embed" in name for name in moved
+    )
+
+
+def test_dict_samples_stripped_by_the_trainer_get_a_clear_error(toy):
+    model, processor = tiny_chat_model(seed=0)
+    collator = EmmaCollator(processor, model.config)
+    with pytest.raises(ValueError, match="remove_unused_columns"):
+        collator([{"input_ids": [1, 2]}])
+    sample = JsonlDataset(toy["edit"], "edit")[0]
+    assert isinstance(sample, EmmaSample) and not isinstance(sample, dict)
+    assert collator([sample])["input_ids"].shape == collator([dict(sample)])["input_ids"].shape

@@ -1,6 +1,7 @@
 """emma_hf: EMMA (arXiv 2512.04810) for transformers, diffusers and PEFT."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_emma import EmmaConfig
 from .modeling_emma import EmmaContext, EmmaForConditionalGeneration, EmmaModel, EmmaPreTrainedModel
@@ -12,6 +13,11 @@ from .shipped import shipped_model_path
 AutoConfig.register(EmmaConfig.model_type, EmmaConfig, exist_ok=True)
 AutoModel.register(EmmaConfig, EmmaModel, exist_ok=True)
 AutoModelForImageTextToText.register(EmmaConfig, EmmaForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(EmmaConfig, EmmaForConditionalGeneration, exist_ok=True)
+# transformers' class for models that take several modalities and generate (the "any-to-any" pipeline's), where the
+# installed release has it.
+if hasattr(transformers, "AutoModelForMultimodalLM"):
+    transformers.AutoModelForMultimodalLM.register(EmmaConfig, EmmaForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(EmmaConfig, EmmaProcessor, exist_ok=True)
 
 # Saving then copies the remote-code files beside the weights, so a checkpoint loads where emma_hf is not installed.

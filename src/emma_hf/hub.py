@@ -43,6 +43,9 @@ SCHEDULER_SUBFOLDER = "scheduler"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 # Files where `save_pretrained` records remote-code classes (`auto_map`) for classes registered with auto classes.
 AUTO_MAP_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")
+# `save_pretrained` records the one auto class a model class is registered with; the Hub's remote code answers to
+# every auto class of a multimodal generator (releases without one ignore its entry).
+EXTRA_MODEL_AUTO_CLASSES = ("AutoModelForMultimodalLM", "AutoModelForCausalLM")
 HUB_TAGS = ["emma", "any-to-any", "image-text-to-text", "text-to-image", "image-editing"]
 # Model card texts an exporter should replace with what it knows (`export_checkpoint(..., intended_use=...)`).
 CARD_DEFAULTS = {
@@ -216,6 +219,11 @@ def write_model_files(model: EmmaForConditionalGeneration, save_directory: Path,
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=save_directory))
     staging.chmod(0o755)  # mkdtemp's private mode would stay on the renamed folder
     model.save_pretrained(staging, max_shard_size=max_shard_size)
+    config_path = staging / "config.json"
+    config = json.loads(config_path.read_text())
+    model_class = config["auto_map"]["AutoModelForImageTextToText"]
+    config["auto_map"].update(dict.fromkeys(EXTRA_MODEL_AUTO_CLASSES, model_class))
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     if model_directory.exists():
         shutil.rmtree(model_directory)
     staging.rename(model_directory)

@@ -1,6 +1,6 @@
 """Training EMMA: data formats and collator, the paper's stage presets, LoRA presets and the Trainer recipe."""
 
-from .data import DataError, EmmaCollator, JsonlDataset, TaskMixture
+from .data import DataError, EmmaCollator, EmmaSample, JsonlDataset, TaskMixture
 from .lora import LORA_PRESETS, emma_lora_config, lora_target_modules
 from .stages import STAGES, StagePreset, apply_stage, get_stage
 from .trainer import EmmaTrainer, TrainConfig, build_trainer, run_training
@@ -11,6 +11,7 @@ __all__ = [
     "STAGES",
     "DataError",
     "EmmaCollator",
+    "EmmaSample",
     "EmmaTrainer",
     "JsonlDataset",
     "StagePreset",

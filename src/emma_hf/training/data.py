@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -56,6 +56,29 @@ class DataError(ValueError):
     """A training sample that cannot be used, located by file and line."""
 
 
+class EmmaSample(Mapping):
+    """
+    One training sample, read-only. It is a `Mapping` but not a `dict` so that the `Trainer`'s default
+    `remove_unused_columns=True`, which strips the keys of dict samples that `forward` does not name, hands it to
+    [`EmmaCollator`] whole.
+    """
+
+    def __init__(self, fields: Mapping):
+        self.fields = dict(fields)
+
+    def __getitem__(self, name: str):
+        return self.fields[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fields)
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def __repr__(self) -> str:
+        return f"EmmaSample({self.fields!r})"
+
+
 class JsonlDataset(Dataset):
     """
     The samples of one task's JSONL file. Only line offsets are read up front; each item is parsed, checked and its
@@ -85,7 +108,7 @@ class JsonlDataset(Dataset):
     def __len__(self) -> int:
         return len(self.offsets)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> EmmaSample:
         for attempt in range(len(self)):
             position = (index + attempt) % len(self)
             try:
@@ -112,7 +135,7 @@ class JsonlDataset(Dataset):
                 if isinstance(text, str):
                     yield text
 
-    def read(self, position: int) -> dict:
+    def read(self, position: int) -> EmmaSample:
         where = f"{self.path}:{self.line_numbers[position]}"
         with self.path.open("rb") as file:
             file.seek(self.offsets[position])
@@ -151,7 +174,7 @@ class JsonlDataset(Dataset):
             sample["instruction"] = record["instruction"]
             sample["images"] = [self.open_image(record["image"], where)]
             sample["target"] = self.open_image(record["target"], where)
-        return sample
+        return EmmaSample(sample)
 
     def open_image(self, relative_path: str, where: str) -> PIL.Image.Image:
         path = self.path.parent / relative_path
@@ -200,9 +223,9 @@ class TaskMixture(Dataset):
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> EmmaSample:
         task, position = self.schedule[index]
-        return {**self.datasets[task][position], "index": index}
+        return EmmaSample({**self.datasets[task][position], "index": index})
 
 
 def is_probability(value) -> bool:
@@ -263,7 +286,15 @@ class EmmaCollator:
         height, width = fit_to_token_grid(size.height, size.width, patch_size, patch_size**2, max_pixels)
         return {"height": height, "width": width}
 
-    def __call__(self, samples: Sequence[dict]) -> dict:
+    def __call__(self, samples: Sequence[Mapping]) -> dict:
+        for sample in samples:
+            if not isinstance(sample, Mapping) or sample.get("task") not in TASKS:
+                fields = sorted(sample) if isinstance(sample, Mapping) else type(sample).__name__
+                raise ValueError(
+                    f"EmmaCollator takes samples with a 'task' in {list(TASKS)} (as JsonlDataset and TaskMixture "
+                    f"yield), got {fields}; plain dict samples lose their fields to the Trainer's default "
+                    "remove_unused_columns=True: wrap them in EmmaSample or pass remove_unused_columns=False"
+                )
         rows, context_images, targets, target_indices = [], [], [], []
         with warnings.catch_warnings():
             # Training data may teach a closed-vocabulary checkpoint new words: nothing to warn about.

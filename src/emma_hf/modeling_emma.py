@@ -44,7 +44,7 @@ from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2MLP,
     Siglip2VisionEmbeddings,
 )
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, ModelOutput, cached_file
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, ModelOutput, cached_file, can_return_tuple
 
 from .configuration_emma import EmmaConfig
 
@@ -748,6 +748,8 @@ class EmmaPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     # The loss is a mean over the batch's tokens and images; the Trainer then averages over accumulation steps.
     accepts_loss_kwargs = False
+    # EMMA's attention mixes causal text with bidirectional image blocks through an explicit mask.
+    supported_attention_implementations = ("eager", "sdpa")
 
     def __init__(self, config: EmmaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -755,6 +757,26 @@ class EmmaPreTrainedModel(PreTrainedModel):
         for sub_config in (config.text_config, config.vision_config):
             if sub_config._attn_implementation is None:
                 sub_config._attn_implementation = config._attn_implementation
+
+    def check_attention_implementation(self, requested: str | dict | None) -> None:
+        """Refuse, by name, implementations that cannot run EMMA's mask (a dict maps sub-configs to requests)."""
+        if isinstance(requested, dict):
+            for value in requested.values():
+                self.check_attention_implementation(value)
+        elif requested is not None and requested not in self.supported_attention_implementations:
+            raise ValueError(
+                f"attn_implementation={requested!r} is not supported by EMMA: its attention mixes causal text with "
+                "bidirectional image blocks through an explicit mask, which runs on "
+                f"{list(self.supported_attention_implementations)} (default 'sdpa')"
+            )
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        self.check_attention_implementation(requested_attention)
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs) -> None:
+        self.check_attention_implementation(attn_implementation)
+        super().set_attn_implementation(attn_implementation, *args, **kwargs)
 
     @classmethod
     def from_pretrained(
@@ -764,7 +786,12 @@ class EmmaPreTrainedModel(PreTrainedModel):
         `PreTrainedModel.from_pretrained`, reading weights from safetensors only unless `use_safetensors=False`: a
         pickle checkpoint (`pytorch_model.bin`) can run code while it is read, so opening one is the caller's explicit
         choice. Missing, damaged and wrong-shaped weights raise errors that name the folder and the tensors.
+        `from_pretrained(None, config=config, state_dict=weights)` builds the model from weights in memory.
         """
+        if pretrained_model_name_or_path is None:
+            if kwargs.get("config") is None or kwargs.get("state_dict") is None:
+                raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=, or pass a folder")
+            return super().from_pretrained(None, *args, use_safetensors=use_safetensors, **kwargs)
         source = os.fspath(pretrained_model_name_or_path)
         looks_like_a_path = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
         if looks_like_a_path and not os.path.isdir(source):
@@ -995,6 +1022,7 @@ class EmmaModel(EmmaPreTrainedModel):
             tokens.append(embeds + positions.to(embeds.dtype) + time_embed)
         return tokens
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1010,7 +1038,6 @@ class EmmaModel(EmmaPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> EmmaModelOutputWithPast:
@@ -1026,6 +1053,10 @@ class EmmaModel(EmmaPreTrainedModel):
         cache: the KV cache to continue from (`past_key_values` is accepted too, as transformers < 5.24 names it).
         """
         cache = one_cache(cache, past_key_values)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         if output_attentions:
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
@@ -1214,6 +1245,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         """Training `t` per image: see [`sample_flow_timesteps`]."""
         return sample_flow_timesteps(self.config, image_token_counts, generator)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1230,11 +1262,11 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         noisy_latents: ImageInput | None = None,
         image_grid_hw: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> EmmaCausalLMOutputWithPast:
@@ -1246,6 +1278,8 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             `noise - x0`. `noise` (default Gaussian) and `timesteps` (default [`sample_timesteps`]) may be given.
         noisy_latents: `x_t` given directly (with `timesteps`), to predict velocity without a loss.
         labels: next-token targets, -100 to ignore; positions whose label is an image placeholder are ignored too.
+        shift_labels: the targets already shifted by one (as the Trainer passes them under context parallelism);
+            used instead of shifting `labels`.
         """
         cache = one_cache(cache, past_key_values)
         if sum(x is not None for x in (target_pixel_values, target_latents, noisy_latents)) > 1:
@@ -1291,6 +1325,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -1300,10 +1335,13 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             velocity = self.velocity_head(hidden_states[outputs.gen_mask])
 
         ce_loss = fm_loss = None
-        if labels is not None:
-            placeholder = (labels == self.config.image_token_id) | (labels == self.config.gen_token_id)
-            labels = labels.masked_fill(placeholder, -100)
-            ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        if labels is not None or shift_labels is not None:
+            ce_loss = self.loss_function(
+                logits=logits,
+                labels=self.without_placeholders(labels),
+                shift_labels=self.without_placeholders(shift_labels),
+                vocab_size=self.config.text_config.vocab_size,
+            )
         if velocity_target is not None:
             fm_loss = F.mse_loss(velocity.float(), velocity_target.to(velocity.device).float())
         terms = [(self.config.ce_weight, ce_loss), (self.config.fm_weight, fm_loss)]
@@ -1318,6 +1356,13 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    def without_placeholders(self, labels: torch.LongTensor | None) -> torch.LongTensor | None:
+        """Labels with image placeholders ignored: image tokens are learnt by the flow-matching loss."""
+        if labels is None:
+            return None
+        placeholder = (labels == self.config.image_token_id) | (labels == self.config.gen_token_id)
+        return labels.masked_fill(placeholder, -100)
 
     @torch.no_grad()
     def encode_context(
@@ -1345,6 +1390,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             vae_pixel_values=vae_pixel_values,
             use_cache=True,
+            return_dict=True,
         )
         return EmmaContext(
             cache=getattr(outputs, CACHE_NAME),

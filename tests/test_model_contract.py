@@ -1,0 +1,119 @@
+"""What transformers' common model tests expect of every model: output switches, loss inputs, loading forms."""
+
+import copy
+
+import pytest
+import torch
+from builders import noise_image, tiny_chat_model
+
+from emma_hf import EmmaForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model, processor = tiny_chat_model(seed=0)
+    return model.eval(), processor
+
+
+def chat_inputs(processor) -> dict:
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": noise_image(64, 64, 1)}, {"type": "text", "text": "hi"}],
+        }
+    ]
+    return processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+
+
+def test_return_dict_false_and_the_config_switch_give_the_output_as_a_tuple(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor)
+    with torch.no_grad():
+        expected = model(**inputs)
+        as_tuple = model(**inputs, return_dict=False)
+        model.config.return_dict = False
+        try:
+            from_config = model(**inputs)
+            assert isinstance(model(**inputs, return_dict=True), type(expected))
+        finally:
+            model.config.return_dict = True
+    for output in (as_tuple, from_config):
+        assert isinstance(output, tuple) and torch.equal(output[0], expected.logits)
+
+
+def test_output_hidden_states_follows_the_argument_then_the_config(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor)
+    layers = model.config.text_config.num_hidden_layers
+    with torch.no_grad():
+        assert model(**inputs).hidden_states is None
+        assert len(model(**inputs, output_hidden_states=True).hidden_states) == layers + 1
+        model.config.output_hidden_states = True
+        try:
+            assert len(model(**inputs).hidden_states) == layers + 1
+            assert model(**inputs, output_hidden_states=False).hidden_states is None
+        finally:
+            model.config.output_hidden_states = False
+
+
+def test_shift_labels_give_the_loss_of_the_labels_they_shift(tiny):
+    """The Trainer passes `shift_labels` under context parallelism; they must not be dropped."""
+    model, processor = tiny
+    inputs = chat_inputs(processor)
+    labels = inputs["input_ids"].clone()
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    with torch.no_grad():
+        from_labels = model(**inputs, labels=labels).loss
+        from_shift_labels = model(**inputs, shift_labels=shifted).loss
+        unshifted = model(**inputs, shift_labels=labels).loss
+    assert torch.allclose(from_labels, from_shift_labels) and not torch.allclose(from_labels, unshifted)
+
+
+def test_from_pretrained_builds_from_a_config_and_a_state_dict_in_memory(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor)
+    rebuilt = EmmaForConditionalGeneration.from_pretrained(None, config=model.config, state_dict=model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(**inputs).logits, model(**inputs).logits)
+    with pytest.raises(ValueError, match="config= and state_dict="):
+        EmmaForConditionalGeneration.from_pretrained(None, config=model.config)
+
+
+@pytest.mark.parametrize(
+    "implementation", ["flash_attention_2", "flex_attention", {"text_config": "flash_attention_2"}]
+)
+def test_attention_implementations_that_cannot_run_the_mask_are_refused_by_name(tiny, implementation):
+    model, _ = tiny
+    if isinstance(implementation, str):
+        with pytest.raises(ValueError, match=r"not supported by EMMA.*\['eager', 'sdpa'\]"):
+            EmmaForConditionalGeneration._from_config(copy.deepcopy(model.config), attn_implementation=implementation)
+    with pytest.raises(ValueError, match="not supported by EMMA"):
+        model.set_attn_implementation(implementation)
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+def test_set_attn_implementation_switches_between_the_supported_ones(tiny):
+    model, processor = tiny
+    inputs = chat_inputs(processor)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        model.set_attn_implementation("eager")
+        try:
+            assert model.config.text_config._attn_implementation == "eager"
+            assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
+        finally:
+            model.set_attn_implementation("sdpa")
+    assert model.config.text_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_supported_attention_implementations_give_the_same_logits(tiny, implementation):
+    model, processor = tiny
+    inputs = chat_inputs(processor)
+    config = copy.deepcopy(model.config)
+    other = EmmaForConditionalGeneration._from_config(config, attn_implementation=implementation).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(other(**inputs).logits, model(**inputs).logits, atol=1e-5)

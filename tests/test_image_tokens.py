@@ -15,7 +15,7 @@ def test_context_and_gen_token_counts(model, height, width):
     assert config.num_image_tokens(height, width) == expected
     image = random_image(height, width, seed=0)
     with torch.no_grad():
-        (context_tokens,) = model.model.get_image_features(image[None], image[None])
+        (context_tokens,) = model.model.get_image_features(image[None], image[None]).pooler_output
         (latent,) = model.model.encode_latents(image[None])
         (gen_tokens,) = model.model.embed_noisy_latents(latent[None], torch.tensor([0.5]))
     assert context_tokens.shape == (expected, config.text_config.hidden_size)
@@ -30,7 +30,7 @@ def test_image_position_scale_spreads_the_cells_of_both_streams(model):
     image = random_image(96, 96, seed=0)
     with torch.no_grad():
         latent = model.model.encode_latents(image[None])[0][None]
-        context = [m.model.get_image_features(image[None], image[None])[0] for m in (model, spread)]
+        context = [m.model.get_image_features(image[None], image[None]).pooler_output[0] for m in (model, spread)]
         gen = [m.model.embed_noisy_latents(latent, torch.tensor([0.5]))[0] for m in (model, spread)]
     hidden = model.config.text_config.hidden_size
     near, far = sincos_2d(3, 3, hidden, "cpu", 1.0).float(), sincos_2d(3, 3, hidden, "cpu", 8.0).float()

@@ -117,3 +117,29 @@ def test_supported_attention_implementations_give_the_same_logits(tiny, implemen
     other.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.allclose(other(**inputs).logits, model(**inputs).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("return_dict", [True, False, None])
+def test_get_image_features_follows_the_transformers_contract(tiny, return_dict):
+    """A `BaseModelOutputWithPooling`: the vision tower's output, and the decoder's tokens of each image as pooler_output."""
+    model, processor = tiny
+    images = [noise_image(64, 64, 1), noise_image(96, 64, 2)]
+    pixels = processor.image_processor(images, return_tensors="pt")
+    if return_dict is not None:  # None: the config's default
+        model.config.return_dict = return_dict
+    try:
+        with torch.no_grad():
+            output = model.get_image_features(pixels["pixel_values"], pixels["vae_pixel_values"])
+    finally:
+        model.config.return_dict = True
+    if return_dict is False:
+        last_hidden_state, tokens = output
+    else:
+        last_hidden_state, tokens = output.last_hidden_state, output.pooler_output
+    vision = model.config.vision_config
+    patches = [
+        int(grid.prod()) * (model.config.image_grid_size // vision.patch_size) ** 2 for grid in pixels["image_grid_hw"]
+    ]
+    assert last_hidden_state.shape == (2, max(patches), vision.hidden_size)
+    hidden = model.config.text_config.hidden_size
+    assert [tuple(t.shape) for t in tokens] == [(int(grid.prod()), hidden) for grid in pixels["image_grid_hw"]]

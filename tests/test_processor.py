@@ -247,3 +247,25 @@ def test_known_words_warn_about_other_words_and_survive_saving(tmp_path):
     processor.save_pretrained(tmp_path)
     assert EmmaProcessor.from_pretrained(tmp_path).known_words == processor.known_words
     assert EmmaProcessor.from_pretrained(tmp_path, known_words=None).known_words is None
+
+
+def test_rescale_and_normalize_switches_apply_to_pixel_values_and_survive_saving(tmp_path):
+    """As in every transformers image processor; the DC-AE's `vae_pixel_values` stay in [-1, 1] whatever is set."""
+    image = noise_image(64, 64, seed=5)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    default = EmmaImageProcessor(size={"height": 64, "width": 64})(image, return_tensors="pt")
+    cases = {
+        "do_normalize": ({"do_normalize": False}, pixels / 255),
+        "do_rescale": ({"do_rescale": False}, (pixels - 0.5) / 0.5),
+        "rescale_factor": ({"rescale_factor": 1 / 510}, (pixels / 510 - 0.5) / 0.5),
+    }
+    for name, (setting, expected) in cases.items():
+        processor = EmmaImageProcessor(size={"height": 64, "width": 64}, **setting)
+        processor.save_pretrained(tmp_path / name)
+        reloaded = EmmaImageProcessor.from_pretrained(tmp_path / name)
+        for each in (processor, reloaded):
+            output = each(image, return_tensors="pt")
+            assert torch.allclose(output["pixel_values"][0], expected, atol=1e-5), name
+            assert torch.equal(output["vae_pixel_values"], default["vae_pixel_values"]), name
+        as_call_argument = EmmaImageProcessor(size={"height": 64, "width": 64})(image, return_tensors="pt", **setting)
+        assert torch.allclose(as_call_argument["pixel_values"][0], expected, atol=1e-5), name

@@ -22,6 +22,7 @@ from emma_hf.training import (
     get_stage,
     lora_target_modules,
 )
+from emma_hf.training.lora import is_generation_module
 
 
 @pytest.fixture(scope="module")
@@ -358,3 +359,38 @@ def test_dict_samples_stripped_by_the_trainer_get_a_clear_error(toy):
     sample = JsonlDataset(toy["edit"], "edit")[0]
     assert isinstance(sample, EmmaSample) and not isinstance(sample, dict)
     assert collator([sample])["input_ids"].shape == collator([dict(sample)])["input_ids"].shape
+
+
+def parameters_without_gradient(model, batch) -> set[str]:
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and (parameter.grad is None or not parameter.grad.any())
+    }
+
+
+def test_parameters_without_gradient_are_the_stream_and_experts_a_batch_does_not_use(toy):
+    """
+    A documented property (docs/architecture.md, "Training"): a batch with nothing to draw leaves the generation
+    stream without gradient, and top-1 routing leaves the expert it did not pick; everything else always learns.
+    """
+    model, processor = tiny_chat_model(seed=0)
+    model.train()
+    mixture = TaskMixture({task: JsonlDataset(path, task) for task, path in toy.items()})
+    collator = EmmaCollator(processor, model.config, noise_seed=0)
+    samples = [mixture[i] for i in range(6)]
+    chat_only = collator([sample for sample in samples if sample["task"] == "understanding"])
+    generation_stream = {
+        name
+        for name, _ in model.named_parameters()
+        if is_generation_module(name) or name == "model.language_model.gen_norm.weight"
+    }
+    model.model.training_router_mode = "soft"  # every expert runs
+    assert parameters_without_gradient(model, chat_only) == generation_stream
+    assert parameters_without_gradient(model, collator(samples)) == set()
+    model.model.training_router_mode = "top1"
+    unused = parameters_without_gradient(model, collator(samples))
+    assert unused and all(".mlp.experts." in name for name in unused)
+    assert not any(".router." in name for name in unused)

@@ -30,6 +30,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.utils import ALL_CACHE_NAMES
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3DecoderLayer,
@@ -958,10 +959,15 @@ class EmmaModel(EmmaPreTrainedModel):
                 latents[i] = latent
         return latents
 
-    def get_image_features(self, pixel_values: ImageInput, vae_pixel_values: ImageInput) -> list[torch.Tensor]:
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: ImageInput, vae_pixel_values: ImageInput, **kwargs
+    ) -> BaseModelOutputWithPooling:
         """
-        Context-image tokens, one `(h*w, hidden)` tensor per image: SigLIP2 (MoE) features unshuffled to the 32-px
-        grid and concatenated on channels with the DC-AE latents, through `und_adapter`, plus 2-D positions.
+        Context images encoded as transformers' vision-language models do: `last_hidden_state` is SigLIP2's (MoE)
+        output `(num_images, patches, hidden)`, right-padded to the largest image; `pooler_output` holds the tokens
+        the decoder reads, one `(h*w, hidden)` tensor per image: those features unshuffled to the 32-px grid and
+        concatenated on channels with the DC-AE latents, through `und_adapter`, plus 2-D positions.
 
         pixel_values: images normalised for SigLIP2; vae_pixel_values: the same images in [-1, 1].
         """
@@ -1000,7 +1006,7 @@ class EmmaModel(EmmaPreTrainedModel):
                 *latent.shape[-2:], embeds.shape[-1], embeds.device, self.config.image_position_scale
             )
             tokens.append(embeds + positions.to(embeds.dtype))
-        return tokens
+        return BaseModelOutputWithPooling(last_hidden_state=semantic, pooler_output=tokens)
 
     def embed_noisy_latents(self, noisy_latents: ImageInput, timesteps: torch.Tensor) -> list[torch.Tensor]:
         """Gen tokens, one `(h*w, hidden)` tensor per image: `gen_adapter(x_t)` + 2-D positions + timestep embedding."""
@@ -1185,7 +1191,7 @@ class EmmaModel(EmmaPreTrainedModel):
                 counts = [latent.shape[-2] * latent.shape[-1] for latent in latents]
             check_image_runs(input_ids, token_id, counts, argument)
             if argument == "pixel_values":
-                tokens = self.get_image_features(pixel_values, vae_pixel_values)
+                tokens = self.get_image_features(pixel_values, vae_pixel_values, return_dict=True).pooler_output
             else:
                 tokens = self.embed_noisy_latents(noisy_latents, timesteps)
             flat = torch.cat(tokens).to(device=inputs_embeds.device, dtype=inputs_embeds.dtype)
@@ -1234,6 +1240,12 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
+
+    def get_image_features(
+        self, pixel_values: ImageInput, vae_pixel_values: ImageInput, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """[`EmmaModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, vae_pixel_values, **kwargs)
 
     @property
     def vae(self) -> AutoencoderDC:

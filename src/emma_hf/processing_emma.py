@@ -228,8 +228,9 @@ class EmmaImageProcessor(PilBackend):
     r"""
     Resizes each image (aspect kept) so that both sides are multiples of `patch_size` and its area lies within
     `size={"min_pixels", "max_pixels"}` (or to an exact `size={"height", "width"}`), and returns the same resized
-    image twice: `pixel_values` normalised for SigLIP2 (`image_mean`/`image_std`) and `vae_pixel_values` in [-1, 1]
-    for the DC-AE, plus `image_grid_hw`, the token grid `(H/patch, W/patch)` of each image.
+    image twice: `pixel_values` for SigLIP2 (rescaled by `rescale_factor` then normalised by `image_mean`/`image_std`,
+    each step switchable as in every transformers image processor) and `vae_pixel_values` in [-1, 1] for the DC-AE,
+    which reads nothing else, plus `image_grid_hw`, the token grid `(H/patch, W/patch)` of each image.
 
     Accepts PIL images of any mode (transparency is put on white, 16-bit greyscale scaled), numpy arrays
     (`(H, W[, C])`), torch tensors (`(C, H, W)`; a 4-D tensor is a batch), file paths and http(s) URLs; uint8,
@@ -304,6 +305,9 @@ class EmmaImageProcessor(PilBackend):
         do_resize: bool,
         size: SizeDict,
         resample: PILImageResampling | int | None,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
         image_mean: Sequence[float],
         image_std: Sequence[float],
         patch_size: int,
@@ -326,9 +330,10 @@ class EmmaImageProcessor(PilBackend):
                     resample=PILImageResampling(self.resample if resample is None else resample),
                     reducing_gap=3.0,
                 )
-            unit = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
-            siglip.append((unit - mean) / std)
-            vae.append(unit * 2.0 - 1.0)
+            pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)
+            scaled = pixels * np.float32(rescale_factor) if do_rescale else pixels
+            siglip.append((scaled - mean) / std if do_normalize else scaled)
+            vae.append(pixels / 255.0 * 2.0 - 1.0)
             grids.append((height // patch_size, width // patch_size))
         data = {
             "pixel_values": batch_images(siglip, return_tensors),

@@ -177,6 +177,29 @@ def test_lora_generation_preset_leaves_chat_untouched(toy, tmp_path):
         torch.testing.assert_close(merged(**batch).velocity, adapted, atol=1e-5, rtol=0)
 
 
+def test_a_naive_lora_target_list_adapts_both_streams_and_the_vision_tower(toy):
+    """What the README warns of: PEFT matches `q_proj`/`v_proj` everywhere, so drawing data moves chat answers."""
+    from peft import LoraConfig
+
+    model, processor = tiny_chat_model(seed=2)
+    reference = text_logits(model, processor)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    adapted = [name for name, module in peft_model.named_modules() if hasattr(module, "lora_A") and module.lora_A]
+    assert any("vision_tower" in name for name in adapted)
+    decoder = [name for name in adapted if ".language_model." in name]
+    assert any(".gen." in name for name in decoder) and any(".gen." not in name for name in decoder)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model.train()
+    drawings = JsonlDataset(toy["text_to_image"], "text_to_image")
+    collator = EmmaCollator(processor, model.config, noise_seed=0)
+    for _ in range(2):
+        peft_model(**collator([drawings[i] for i in range(len(drawings))])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    peft_model.eval()
+    assert not torch.allclose(text_logits(peft_model, processor), reference)
+
+
 def test_named_adapters_switch(toy):
     model, processor = tiny_chat_model(seed=3)
     peft_model = get_peft_model(model, emma_lora_config(model, "generation", r=4), adapter_name="edits")

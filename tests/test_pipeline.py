@@ -1,9 +1,12 @@
 """EmmaPipeline: determinism, cached and batched-CFG exactness, outputs and callbacks, loading, sharing, input checks."""
 
 import hashlib
+import inspect
 import json
+import math
 import os
 
+import diffusers
 import numpy as np
 import pytest
 import torch
@@ -359,3 +362,109 @@ def test_sampler_settings_left_out_are_the_checkpoints(tmp_path):
     pipe("Draw a blue triangle.", output_type="latent", num_inference_steps=2, guidance_scale=3.0)
     assert (pipe.num_timesteps, pipe.guidance_scale) == (2, 3.0)
     assert "`num_inference_steps=3`, `guidance_scale=1.0`" in (tmp_path / "saved" / "README.md").read_text()
+
+
+def public_settings(scheduler) -> dict:
+    return {key: value for key, value in scheduler.config.items() if not key.startswith("_")}
+
+
+def flow_scheduler(name: str, config):
+    """A scheduler of class `name` set up for flow matching, the way a diffusers user swaps one in."""
+    scheduler_class = getattr(diffusers, name)
+    if "prediction_type" in inspect.signature(scheduler_class.__init__).parameters:
+        return scheduler_class.from_config(config, prediction_type="flow_prediction", use_flow_sigmas=True)
+    return scheduler_class.from_config(config)
+
+
+@pytest.mark.parametrize("name", EmmaPipeline._compatibles)
+def test_every_compatible_scheduler_draws_and_keeps_its_class_and_settings_on_save(name, tmp_path):
+    pipe = make_pipeline(seed=11)
+    pipe.scheduler = flow_scheduler(name, pipe.scheduler.config)
+    drawn = draw(pipe)
+    assert torch.isfinite(drawn).all() and torch.equal(draw(pipe), drawn)
+    pipe.save_pretrained(tmp_path / "saved", safe_serialization=True, max_shard_size="1MB")
+    assert len(list((tmp_path / "saved" / "model").glob("*.safetensors"))) > 1
+    reloaded = EmmaPipeline.from_pretrained(tmp_path / "saved")
+    reloaded.set_progress_bar_config(disable=True)
+    assert type(reloaded.scheduler) is type(pipe.scheduler)
+    assert public_settings(reloaded.scheduler) == public_settings(pipe.scheduler)
+    assert torch.equal(draw(reloaded), drawn)
+
+
+def test_a_swapped_schedulers_own_shift_settings_are_used():
+    pipe = make_pipeline(seed=11)
+    default = draw(pipe, height=128, width=128)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, base_shift=2.0, max_shift=3.0)
+    shifted = draw(pipe, height=128, width=128)
+    assert not torch.equal(shifted, default)
+    assert pipe.dynamic_shift(16) == pytest.approx(math.exp(2.0 + (3.0 - 2.0) / (1024 - 64) * (16 - 64)))
+
+
+def test_a_stochastic_scheduler_step_gets_the_generator():
+    """With the starting noise fixed, only the scheduler's own noise, drawn from `generator`, tells seeds apart."""
+    pipe = make_pipeline(seed=11)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    latents = draw(pipe, seed=0, output_type="latent")
+    first, again, other = (draw(pipe, seed=seed, latents=latents) for seed in (4, 4, 5))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+@pytest.mark.parametrize(
+    ("scheduler_name", "settings", "message"),
+    [
+        ("EulerDiscreteScheduler", {}, "needs a flow-matching scheduler"),
+        ("DPMSolverMultistepScheduler", {}, "must predict flow"),
+    ],
+)
+def test_schedulers_that_cannot_run_emma_are_refused_by_name(scheduler_name, settings, message):
+    pipe = make_pipeline(seed=11)
+    pipe.scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler.config, **settings)
+    with pytest.raises(ValueError, match=message):
+        draw(pipe)
+
+
+def test_custom_sigmas_on_a_scheduler_without_them_are_refused():
+    pipe = make_pipeline(seed=11)
+    pipe.scheduler = flow_scheduler("FlowMatchHeunDiscreteScheduler", pipe.scheduler.config)
+    with pytest.raises(ValueError, match="does not take custom `sigmas`"):
+        draw(pipe, sigmas=[1.0, 0.5])
+
+
+@pytest.mark.parametrize(
+    ("keywords", "message"),
+    [
+        ({"safe_serialization": False}, "safetensors only"),
+        ({"variant": "fp16"}, "variant='fp16' is not supported"),
+        ({"commit_message": "x"}, "push_to_hub=True"),
+    ],
+)
+def test_save_pretrained_refuses_what_it_cannot_honour(pipe, tmp_path, keywords, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.save_pretrained(tmp_path / "saved", **keywords)
+    assert not (tmp_path / "saved").exists()
+
+
+def test_save_pretrained_pushes_to_the_hub_as_diffusers_does(pipe, tmp_path, monkeypatch):
+    import emma_hf.hub as hub
+
+    uploads = []
+    monkeypatch.setattr(
+        hub, "upload_export", lambda folder, repo_id, **settings: uploads.append((folder, repo_id, settings))
+    )
+    pipe.save_pretrained(tmp_path / "emma-tiny", push_to_hub=True, private=True, commit_message="first")
+    assert uploads == [(tmp_path / "emma-tiny", "emma-tiny", {"private": True, "commit_message": "first"})]
+    assert "emma-tiny" in (tmp_path / "emma-tiny" / "README.md").read_text()
+
+
+def test_from_pretrained_reads_a_dtype_dict_per_component_and_refuses_variants(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "saved")
+    for dtype in (
+        {"model": torch.bfloat16},
+        {"default": torch.bfloat16},
+        {"model": torch.bfloat16, "default": torch.float32},
+    ):
+        assert EmmaPipeline.from_pretrained(tmp_path / "saved", dtype=dtype).model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="may name 'model' and 'default'"):
+        EmmaPipeline.from_pretrained(tmp_path / "saved", dtype={"unet": torch.bfloat16})
+    with pytest.raises(ValueError, match="variant='fp16' is not supported"):
+        EmmaPipeline.from_pretrained(tmp_path / "saved", variant="fp16")

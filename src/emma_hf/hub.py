@@ -323,8 +323,6 @@ def push_to_hub(
     **card_fields,
 ):
     """Export to a temporary folder and upload it with huggingface_hub's `create_repo` + `upload_folder`."""
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
         export_checkpoint(
             model,
@@ -335,10 +333,30 @@ def push_to_hub(
             max_shard_size=max_shard_size,
             **card_fields,
         )
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
+        return upload_export(
+            folder,
+            repo_id,
+            private=private,
+            token=token,
             revision=revision,
+            commit_message=commit_message,
             create_pr=create_pr,
         )
+
+
+def upload_export(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    revision: str | None = None,
+    commit_message: str = "Upload EMMA checkpoint",
+    create_pr: bool = False,
+):
+    """Upload an exported folder to `repo_id`, creating the repository if needed."""
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, create_pr=create_pr
+    )

@@ -9,12 +9,14 @@ This file imports no sibling module, so it loads as diffusers remote code next t
 """
 
 import importlib
+import inspect
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import diffusers
 import numpy as np
 import PIL.Image
 import torch
@@ -26,6 +28,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# `save_pretrained(..., push_to_hub=True)` settings, as diffusers names them.
+HUB_UPLOAD_KEYWORDS = ("repo_id", "commit_message", "private", "token", "create_pr")
 # Sampler settings for checkpoints whose config names none (`EmmaConfig.image_sampler_defaults` overrides them).
 SAMPLER_DEFAULTS = {"num_inference_steps": 30, "guidance_scale": 4.0, "image_guidance_scale": 2.0}
 
@@ -62,6 +66,57 @@ def apply_guidance(
         scale = full.flatten(1).norm(dim=1) / (guided.flatten(1).norm(dim=1) + 1e-8)
         guided = guided * scale.clamp(min=guidance_renorm_min, max=1.0)[:, None, None, None]
     return guided
+
+
+def retrieve_timesteps(
+    scheduler,
+    num_inference_steps: int | None = None,
+    device: str | torch.device | None = None,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, int]:
+    """
+    diffusers' helper of this name: `scheduler.set_timesteps` with custom `timesteps` or `sigmas` where the scheduler
+    takes them (a clear error where it does not), then the scheduler's timesteps and their count. Keyword arguments
+    the scheduler's `set_timesteps` does not take (`mu` for a scheduler without dynamic shifting) are left out.
+    """
+    check_custom_schedule(scheduler, timesteps, sigmas)
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    if timesteps is not None:
+        schedule = {"timesteps": timesteps}
+    elif sigmas is not None:
+        schedule = {"sigmas": sigmas}
+    else:
+        schedule = {"num_inference_steps": num_inference_steps}
+    extra = {name: value for name, value in kwargs.items() if name in accepted and value is not None}
+    scheduler.set_timesteps(device=device, **schedule, **extra)
+    return scheduler.timesteps, len(scheduler.timesteps)
+
+
+def check_custom_schedule(scheduler, timesteps: list[int] | None, sigmas: list[float] | None) -> None:
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if value is not None and name not in accepted:
+            raise ValueError(
+                f"{type(scheduler).__name__} does not take custom `{name}`; pass `num_inference_steps`, or use "
+                "FlowMatchEulerDiscreteScheduler"
+            )
+
+
+def check_scheduler(scheduler, compatibles: tuple[str, ...]) -> None:
+    """A scheduler the pipeline can drive: flow matching, with the velocity `noise - x0` EMMA predicts."""
+    name = type(scheduler).__name__
+    if name not in compatibles:
+        raise ValueError(
+            f"EmmaPipeline cannot run {name}: it needs a flow-matching scheduler, one of {list(compatibles)}"
+        )
+    config = scheduler.config
+    if config.get("prediction_type", "flow_prediction") != "flow_prediction" or config.get("use_flow_sigmas") is False:
+        raise ValueError(
+            f"{name} must predict flow: build it with `{name}.from_config(pipe.scheduler.config, "
+            'prediction_type="flow_prediction", use_flow_sigmas=True)`'
+        )
 
 
 def check_components(model, processor) -> None:
@@ -103,6 +158,17 @@ class EmmaPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "model"
     _callback_tensor_inputs = ["latents"]
+    # The schedulers that integrate EMMA's velocity (the DPM-Solver, UniPC and DEIS families with
+    # `prediction_type="flow_prediction", use_flow_sigmas=True`).
+    _compatibles = (
+        "FlowMatchEulerDiscreteScheduler",
+        "FlowMatchHeunDiscreteScheduler",
+        "FlowMatchLCMScheduler",
+        "DPMSolverMultistepScheduler",
+        "DPMSolverSinglestepScheduler",
+        "UniPCMultistepScheduler",
+        "DEISMultistepScheduler",
+    )
 
     def __init__(self, model, processor, scheduler: FlowMatchEulerDiscreteScheduler):
         super().__init__()
@@ -136,6 +202,20 @@ class EmmaPipeline(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        if kwargs.get("variant") is not None:
+            raise ValueError(
+                f"variant={kwargs['variant']!r} is not supported: an EMMA export holds one set of weights"
+            )
+        kwargs.pop("variant", None)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        if isinstance(dtype, dict):
+            # diffusers' per-component form; the model is the only component with weights.
+            unknown = set(dtype) - {"model", "default"}
+            if unknown:
+                raise ValueError(f"dtype as a dict may name 'model' and 'default', got {sorted(unknown)}")
+            dtype = dtype.get("model", dtype.get("default"))
+        if dtype is not None:
+            kwargs["dtype"] = dtype
         given = {name: kwargs.pop(name) for name in ("model", "processor", "scheduler") if name in kwargs}
         shared = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only") if k in kwargs}
         model = given.get("model") or AutoModelForImageTextToText.from_pretrained(
@@ -147,16 +227,47 @@ class EmmaPipeline(DiffusionPipeline):
             # A folder of `model.save_pretrained` or a Trainer checkpoint: the scheduler an export would write.
             scheduler = FlowMatchEulerDiscreteScheduler(**model.config.flow_scheduler_config())
         elif scheduler is None:
-            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
+            settings = FlowMatchEulerDiscreteScheduler.load_config(
                 pretrained_model_name_or_path, subfolder="scheduler", **shared
             )
+            class_name = settings.get("_class_name", FlowMatchEulerDiscreteScheduler.__name__)
+            if class_name not in cls._compatibles:
+                raise ValueError(
+                    f"{source!r}: its scheduler {class_name} is not one EmmaPipeline runs ({list(cls._compatibles)})"
+                )
+            scheduler = getattr(diffusers, class_name).from_config(settings)
         return cls(model=model, processor=processor, scheduler=scheduler)
 
-    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
+        **kwargs,
+    ) -> None:
         """
         Write the exported layout that `AutoModel`, `AutoProcessor` and this pipeline all read, with one copy of
-        the weights and this pipeline's scheduler (`emma_hf.hub.export_checkpoint`; needs `emma_hf` installed).
+        the weights and this pipeline's scheduler, its class and settings kept (`emma_hf.hub.export_checkpoint`;
+        needs `emma_hf` installed).
+
+        Args:
+            save_directory (`str` or `os.PathLike`): the folder to write.
+            safe_serialization (`bool`, defaults to `True`): EMMA writes safetensors only; `False` is refused.
+            variant (`str`, *optional*): not supported (one set of weights per export); pass `None`.
+            max_shard_size (`int` or `str`, *optional*): the largest weight shard, e.g. `"5GB"` (the default).
+            push_to_hub (`bool`, defaults to `False`): then upload the folder to `repo_id` (default: the folder's
+                name), with `commit_message`, `private`, `token` and `create_pr` as in diffusers.
+            kwargs: those upload settings, and the model card's fields (`license`, `intended_use`, ...).
         """
+        if not safe_serialization:
+            raise ValueError("safe_serialization=False is not supported: EMMA checkpoints are safetensors only")
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} is not supported: an EMMA export holds one set of weights")
+        upload = {name: kwargs.pop(name) for name in HUB_UPLOAD_KEYWORDS if name in kwargs}
+        if upload and not push_to_hub:
+            raise ValueError(f"{sorted(upload)} are upload settings: pass them with push_to_hub=True")
         try:
             # Imported by name: remote-code loaders scan import statements and would warn where emma_hf is missing.
             hub = importlib.import_module("emma_hf.hub")
@@ -164,7 +275,12 @@ class EmmaPipeline(DiffusionPipeline):
             raise ImportError(
                 "EmmaPipeline.save_pretrained writes EMMA's export layout: `pip install emma_hf`"
             ) from error
-        hub.export_checkpoint(self.model, self.processor, save_directory, scheduler=self.scheduler, **kwargs)
+        shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+        repo_id = upload.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+        card = {"repo_id": repo_id, **kwargs} if push_to_hub else kwargs
+        hub.export_checkpoint(self.model, self.processor, save_directory, scheduler=self.scheduler, **shards, **card)
+        if push_to_hub:
+            hub.upload_export(save_directory, repo_id, **upload)
 
     @property
     def guidance_scale(self) -> float:
@@ -203,6 +319,21 @@ class EmmaPipeline(DiffusionPipeline):
             return size.height, size.width
         side = max(1, math.isqrt(size.max_pixels) // self.vae_scale_factor) * self.vae_scale_factor
         return side, side
+
+    def dynamic_shift(self, image_seq_len: int) -> float:
+        """
+        The timestep shift `exp(mu)` for an image of `image_seq_len` tokens: linear in the length between the
+        scheduler's (`base_shift`, `max_shift`) at (`base_image_seq_len`, `max_image_seq_len`), or the model's
+        settings for a scheduler that names none (the DPM-Solver family).
+        """
+        settings = self.scheduler.config
+        names = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len")
+        if any(settings.get(name) is None for name in names):
+            return self.model.config.flow_shift_for(image_seq_len)
+        slope = (settings["max_shift"] - settings["base_shift"]) / (
+            settings["max_image_seq_len"] - settings["base_image_seq_len"]
+        )
+        return math.exp(settings["base_shift"] + slope * (image_seq_len - settings["base_image_seq_len"]))
 
     def check_inputs(
         self,
@@ -249,6 +380,8 @@ class EmmaPipeline(DiffusionPipeline):
                 raise ValueError(f"`{name}` must be a positive multiple of {self.vae_scale_factor}, got {value!r}")
         if timesteps is not None and sigmas is not None:
             raise ValueError("pass only one of `timesteps` or `sigmas`")
+        check_scheduler(self.scheduler, self._compatibles)
+        check_custom_schedule(self.scheduler, timesteps, sigmas)
         if (
             timesteps is None
             and sigmas is None
@@ -494,16 +627,23 @@ class EmmaPipeline(DiffusionPipeline):
         )
         full_context = context.select(range(batch_size)) if guidance_interval is not None else context
 
-        if timesteps is None and sigmas is None:
+        if (
+            timesteps is None
+            and sigmas is None
+            and "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters
+        ):
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         image_seq_len = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
-        mu = math.log(config.flow_shift_for(image_seq_len)) if self.scheduler.config.use_dynamic_shifting else None
-        self.scheduler.set_timesteps(device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
-        timesteps = self.scheduler.timesteps
-        noise_levels = self.scheduler.sigmas
-        self._num_timesteps = len(timesteps)
+        mu = math.log(self.dynamic_shift(image_seq_len)) if self.scheduler.config.get("use_dynamic_shifting") else None
+        timesteps, self._num_timesteps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps, sigmas, mu=mu
+        )
+        # The noise level `t` in [0, 1] of each step (a second-order scheduler visits some twice).
+        noise_levels = self.scheduler.sigmas[: len(timesteps)]
         low, high = guidance_interval or (0.0, 1.0)
-        guided_steps = [low <= level <= high for level in noise_levels[: len(timesteps)].tolist()]
+        guided_steps = [low <= level <= high for level in noise_levels.tolist()]
+        step_arguments = inspect.signature(self.scheduler.step).parameters
+        stochastic = {"generator": generator} if "generator" in step_arguments else {}
 
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -514,7 +654,7 @@ class EmmaPipeline(DiffusionPipeline):
                 velocity = self.predict_guided_velocity(
                     latents, noise_level, step_context, num_conditions, guided_steps[i]
                 )
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False, **stochastic)[0]
 
                 if callback_on_step_end is not None:
                     step_tensors = {"latents": latents}

@@ -84,6 +84,8 @@ def test_layout_holds_one_copy_of_the_weights_and_all_files(exported):
         "AutoConfig": "configuration_emma.EmmaConfig",
         "AutoModel": "modeling_emma.EmmaModel",
         "AutoModelForImageTextToText": "modeling_emma.EmmaForConditionalGeneration",
+        "AutoModelForCausalLM": "modeling_emma.EmmaForConditionalGeneration",
+        "AutoModelForMultimodalLM": "modeling_emma.EmmaForConditionalGeneration",
         "AutoProcessor": "processing_emma.EmmaProcessor",
     }
     assert config["image_token_id"] == exported["processor"].image_token_id

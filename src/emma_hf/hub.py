@@ -224,6 +224,7 @@ def write_model_files(model: EmmaForConditionalGeneration, save_directory: Path,
     model_class = config["auto_map"]["AutoModelForImageTextToText"]
     config["auto_map"].update(dict.fromkeys(EXTRA_MODEL_AUTO_CLASSES, model_class))
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    model.config.auto_map = config["auto_map"]  # as `save_pretrained` records it in memory too
     if model_directory.exists():
         shutil.rmtree(model_directory)
     staging.rename(model_directory)

@@ -8,6 +8,7 @@ import os
 
 import diffusers
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
@@ -468,3 +469,58 @@ def test_from_pretrained_reads_a_dtype_dict_per_component_and_refuses_variants(p
         EmmaPipeline.from_pretrained(tmp_path / "saved", dtype={"unet": torch.bfloat16})
     with pytest.raises(ValueError, match="variant='fp16' is not supported"):
         EmmaPipeline.from_pretrained(tmp_path / "saved", variant="fp16")
+
+
+def test_source_images_are_read_as_diffusers_image_processor_reads_them(pipe):
+    """PIL, (H, W, C) arrays, (C, H, W) tensors in [0, 1] or [-1, 1], and 4-D batches (one image per prompt)."""
+    unit = torch.from_numpy(np.asarray(SOURCE, dtype=np.float32) / 255).permute(2, 0, 1)
+    edit = "Make the circle green."
+    reference = draw(pipe, seed=3, image=SOURCE, prompt=edit)
+    for source in (unit, unit * 2 - 1, unit[None], (unit * 2 - 1)[None], unit.permute(1, 2, 0).numpy()[None]):
+        assert torch.equal(draw(pipe, seed=3, image=source, prompt=edit), reference)
+    pair = draw(pipe, seed=3, image=torch.stack([unit, unit.flip(-1)]), prompt=[edit, edit])
+    listed = draw(pipe, seed=3, image=[SOURCE, SOURCE.transpose(PIL.Image.FLIP_LEFT_RIGHT)], prompt=[edit, edit])
+    assert torch.equal(pair, listed)
+    with pytest.raises(ValueError, match="one source image per prompt"):
+        draw(pipe, image=torch.stack([unit, unit, unit]), prompt=[edit, edit])
+    with pytest.raises(ValueError, match=r"float images must hold finite values in \[0, 1\]"):
+        draw(pipe, image=unit * 3, prompt=edit)
+
+
+def test_numpy_scalars_are_read_as_the_numbers_they_hold(pipe):
+    settings = {"height": 64, "width": 96, "num_inference_steps": 2, "guidance_scale": 3.0}
+    as_numpy = {
+        "height": np.int64(64),
+        "width": np.int32(96),
+        "num_inference_steps": np.int64(2),
+        "guidance_scale": np.float32(3.0),
+    }
+    assert torch.equal(draw(pipe, **as_numpy), draw(pipe, **settings))
+
+
+def test_callbacks_see_the_current_timestep_and_whether_guidance_runs(pipe):
+    seen = []
+
+    def record(pipeline, step, timestep, tensors):
+        seen.append((pipeline.current_timestep, timestep, pipeline.do_classifier_free_guidance))
+        return tensors
+
+    draw(pipe, guidance_scale=3.0, callback_on_step_end=record)
+    draw(pipe, guidance_scale=1.0, callback_on_step_end=record)
+    assert [current is timestep for current, timestep, _ in seen] == [True] * 6
+    assert [guided for _, _, guided in seen] == [True] * 3 + [False] * 3
+    assert pipe.current_timestep is None
+
+
+def test_the_example_in_the_call_docstring_runs():
+    """`EXAMPLE_DOC_STRING`, which diffusers' docs show, runs as written on the shipped model."""
+    code = "\n".join(
+        line.strip()[4:] for line in pipeline_module.EXAMPLE_DOC_STRING.splitlines() if line.strip().startswith(">>> ")
+    )
+    namespace = {}
+    exec(
+        code.replace("shipped_model_path())", "shipped_model_path()); pipe.set_progress_bar_config(disable=True)"),
+        namespace,
+    )
+    assert namespace["image"].size == namespace["edited"].size == (96, 96)
+    assert "EmmaPipeline.from_pretrained" in EmmaPipeline.__call__.__doc__

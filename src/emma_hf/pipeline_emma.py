@@ -23,11 +23,22 @@ import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from emma_hf import EmmaPipeline, shipped_model_path
+
+        >>> pipe = EmmaPipeline.from_pretrained(shipped_model_path())
+        >>> image = pipe("a red circle at the top left", generator=torch.Generator().manual_seed(0)).images[0]
+        >>> edited = pipe("make the red circle green", image=image, generator=torch.Generator().manual_seed(0)).images[0]
+        ```
+"""
 # `save_pretrained(..., push_to_hub=True)` settings, as diffusers names them.
 HUB_UPLOAD_KEYWORDS = ("repo_id", "commit_message", "private", "token", "create_pr")
 # Sampler settings for checkpoints whose config names none (`EmmaConfig.image_sampler_defaults` overrides them).
@@ -117,6 +128,35 @@ def check_scheduler(scheduler, compatibles: tuple[str, ...]) -> None:
             f"{name} must predict flow: build it with `{name}.from_config(pipe.scheduler.config, "
             'prediction_type="flow_prediction", use_flow_sigmas=True)`'
         )
+
+
+def as_python_number(value):
+    """A numpy scalar (`np.int64(512)`, `np.float32(4.0)`) as the Python number it holds; anything else as given."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def unit_range(image):
+    """A float tensor or array in [-1, 1] (diffusers' other convention, told apart by a negative value) in [0, 1]."""
+    is_float = (isinstance(image, torch.Tensor) and image.is_floating_point()) or (
+        isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating)
+    )
+    if is_float and image.min() < 0 and image.min() >= -1 and image.max() <= 1:
+        return (image + 1) / 2
+    return image
+
+
+def source_images(image):
+    """
+    The `image` argument as diffusers' `VaeImageProcessor` reads it: a 4-D batch (tensor `(N, C, H, W)`, array
+    `(N, H, W, C)`) becomes the list of its images (one for every prompt; a batch of one stays one image), and float
+    images in [-1, 1] are mapped to [0, 1]. PIL images, paths and lists pass as given.
+    """
+    if isinstance(image, (torch.Tensor, np.ndarray)) and image.ndim == 4:
+        images = [unit_range(item) for item in image]
+        return images[0] if len(images) == 1 else images
+    if isinstance(image, (list, tuple)):
+        return [unit_range(item) for item in image]
+    return unit_range(image) if image is not None else None
 
 
 def check_components(model, processor) -> None:
@@ -297,6 +337,16 @@ class EmmaPipeline(DiffusionPipeline):
     @property
     def interrupt(self) -> bool:
         return self._interrupt
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the current call guides by text or by the source image (more than one condition per step)."""
+        return self._do_text_guidance or self._do_image_guidance
+
+    @property
+    def current_timestep(self) -> torch.Tensor | None:
+        """The timestep being denoised, inside a call (for callbacks); None outside one."""
+        return self._current_timestep
 
     def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str | None = None, **kwargs) -> None:
         """Load a PEFT LoRA adapter (folder or Hub id) into the model and make it the active one, for inference."""
@@ -506,6 +556,7 @@ class EmmaPipeline(DiffusionPipeline):
         )
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         prompt: str | list[str],
@@ -536,8 +587,9 @@ class EmmaPipeline(DiffusionPipeline):
 
         Args:
             prompt: what to draw, or the edit instruction.
-            image: the source image of an edit (PIL image, array, tensor or path), one for every prompt or a list
-                with one per prompt. The output size defaults to the source's size after the processor's resizing.
+            image: the source image of an edit (PIL image, path, `(H, W, C)` array or `(C, H, W)` tensor in [0, 1] or
+                [-1, 1]), one for every prompt, or a list or 4-D batch with one per prompt. The output size defaults
+                to the source's size after the processor's resizing.
             negative_prompt: the text of the unguided condition (default empty).
             height / width: output size, multiples of 32; defaults to the source's size for edits and to the largest
                 square in the processor's pixel budget for text-to-image.
@@ -555,14 +607,20 @@ class EmmaPipeline(DiffusionPipeline):
             callback_on_step_end: called as `callback(pipe, step, t, {name: tensor})` after each step; a returned
                 `"latents"` replaces the latents. Setting `pipe._interrupt = True` there skips the remaining steps.
 
+        Examples:
+
         Returns:
             [`EmmaPipelineOutput`], or a tuple `(images,)` when `return_dict=False`.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        num_inference_steps = self.sampler_setting("num_inference_steps", num_inference_steps)
-        guidance_scale = self.sampler_setting("guidance_scale", guidance_scale)
-        image_guidance_scale = self.sampler_setting("image_guidance_scale", image_guidance_scale)
+        height, width, num_images_per_prompt, guidance_renorm_min = map(
+            as_python_number, (height, width, num_images_per_prompt, guidance_renorm_min)
+        )
+        num_inference_steps = as_python_number(self.sampler_setting("num_inference_steps", num_inference_steps))
+        guidance_scale = as_python_number(self.sampler_setting("guidance_scale", guidance_scale))
+        image_guidance_scale = as_python_number(self.sampler_setting("image_guidance_scale", image_guidance_scale))
+        image = source_images(image)
         self.check_inputs(
             prompt,
             image,
@@ -608,6 +666,7 @@ class EmmaPipeline(DiffusionPipeline):
         self._do_text_guidance = guidance_scale > 1
         self._do_image_guidance = images is not None and image_guidance_scale > 1
         self._interrupt = False
+        self._current_timestep = None
         device = self._execution_device
         batch_size = len(prompts) * num_images_per_prompt
         config = self.model.config
@@ -649,6 +708,7 @@ class EmmaPipeline(DiffusionPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                self._current_timestep = t
                 noise_level = noise_levels[i]
                 step_context = context if guided_steps[i] else full_context
                 velocity = self.predict_guided_velocity(
@@ -662,6 +722,7 @@ class EmmaPipeline(DiffusionPipeline):
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                 progress_bar.update()
+        self._current_timestep = None
 
         if output_type == "latent":
             images_out = latents

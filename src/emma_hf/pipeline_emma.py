@@ -586,26 +586,48 @@ class EmmaPipeline(DiffusionPipeline):
         Draw (`image=None`) or edit (`image` given) one image per prompt and per `num_images_per_prompt`.
 
         Args:
-            prompt: what to draw, or the edit instruction.
-            image: the source image of an edit (PIL image, path, `(H, W, C)` array or `(C, H, W)` tensor in [0, 1] or
-                [-1, 1]), one for every prompt, or a list or 4-D batch with one per prompt. The output size defaults
-                to the source's size after the processor's resizing.
-            negative_prompt: the text of the unguided condition (default empty).
-            height / width: output size, multiples of 32; defaults to the source's size for edits and to the largest
-                square in the processor's pixel budget for text-to-image.
-            num_inference_steps / timesteps / sigmas: the schedule. By default `sigmas` run linearly from 1 to
-                `1 / steps`, shifted as the model config says (by the image's token count when dynamic).
-            guidance_scale: text guidance (<= 1: off). image_guidance_scale: source-image guidance for edits (<= 1: off).
-                `num_inference_steps`, `guidance_scale` and `image_guidance_scale` left as None take the checkpoint's
-                settings (`model.config.image_sampler_defaults`), else 30, 4.0 and 2.0.
-            guidance_interval: `(low, high)` noise levels in [0, 1] where guidance applies; elsewhere only the full
-                condition runs.
-            guidance_renorm_min: rescale each guided velocity to at most the norm of the unguided-full one, by a
-                factor no smaller than this; None turns it off.
-            generator / latents: randomness of the initial noise, or the noise itself `(batch, C, H/32, W/32)`.
-            output_type: `"pil"`, `"np"`, `"pt"` or `"latent"`.
-            callback_on_step_end: called as `callback(pipe, step, t, {name: tensor})` after each step; a returned
-                `"latents"` replaces the latents. Setting `pipe._interrupt = True` there skips the remaining steps.
+            prompt (`str` or `list[str]`):
+                What to draw, or the edit instruction.
+            image (`PIL.Image.Image`, `str`, `np.ndarray`, `torch.Tensor` or a list of them, *optional*):
+                The source image of an edit: a PIL image, a path or URL, an `(H, W, C)` array or `(C, H, W)` tensor
+                in [0, 1] or [-1, 1]; one for every prompt, or a list or 4-D batch with one per prompt. The output
+                size defaults to the source's size after the processor's resizing. `None` draws from text.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                The text of the unguided condition (default empty).
+            height (`int`, *optional*) and width (`int`, *optional*):
+                The output size, multiples of 32; defaults to the source's size for edits and to the largest square
+                in the processor's pixel budget for text-to-image.
+            num_inference_steps (`int`, *optional*):
+                Denoising steps; `None` takes the checkpoint's setting (`model.config.image_sampler_defaults`),
+                else 30.
+            timesteps (`list[float]`, *optional*) or sigmas (`list[float]`, *optional*):
+                A custom schedule, for schedulers whose `set_timesteps` takes one. By default `sigmas` run linearly
+                from 1 to `1 / steps`, shifted as the scheduler's config says (by the image's token count when
+                dynamic).
+            guidance_scale (`float`, *optional*):
+                Text guidance (<= 1: off); `None` takes the checkpoint's setting, else 4.0.
+            image_guidance_scale (`float`, *optional*):
+                Source-image guidance of an edit (<= 1: off); `None` takes the checkpoint's setting, else 2.0.
+            guidance_interval (`tuple[float, float]`, *optional*):
+                `(low, high)` noise levels in [0, 1] where guidance applies; elsewhere only the full condition runs.
+            guidance_renorm_min (`float`, *optional*):
+                Rescale each guided velocity to at most the norm of the unguided-full one, by a factor no smaller
+                than this; `None` turns it off.
+            num_images_per_prompt (`int`, defaults to 1):
+                Images drawn for each prompt.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                The randomness of the initial noise and of stochastic scheduler steps.
+            latents (`torch.Tensor`, *optional*):
+                The initial noise itself, `(batch, C, H/32, W/32)`.
+            output_type (`str`, defaults to `"pil"`):
+                `"pil"`, `"np"`, `"pt"` or `"latent"`.
+            return_dict (`bool`, defaults to `True`):
+                Return an [`EmmaPipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*):
+                Called as `callback(pipe, step, t, {name: tensor})` after each step; a returned `"latents"`
+                replaces the latents. Setting `pipe._interrupt = True` there skips the remaining steps.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
+                The tensors the callback receives.
 
         Examples:
 

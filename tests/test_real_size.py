@@ -1,10 +1,10 @@
 """
 EMMA-4B at its real size on a CPU (slow: `python -m pytest -m slow tests/test_real_size.py`).
 
-Needs about 35 GB of free disk (10.6 GB of component checkpoints, 12.5 GiB converted) and 24 GB of memory; about
-25 minutes on 2 cores for conversion, loading and the bf16 steps, and about 60 more for the quantised, fine-tuning
-and offload steps (bitsandbytes and torchao: `pip install -e ".[quantization]"`). The files go under pytest's temporary folder and are deleted afterwards, unless
-`EMMA_REAL_SIZE_DIR` names a folder to keep them in between runs.
+Needs about 35 GB of free disk (10.6 GB of component checkpoints, 12.5 GiB converted) and 24 GB of memory (the
+largest step peaks at 18 GiB); 23 minutes in all on 2 cores on 2026-12-07, with the quantised, fine-tuning and
+offload steps (bitsandbytes and torchao: `pip install -e ".[quantization]"`). The files go under pytest's temporary
+folder and are deleted afterwards, unless `EMMA_REAL_SIZE_DIR` names a folder to keep them in between runs.
 """
 
 import json

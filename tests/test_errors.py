@@ -279,6 +279,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
         ),
         "understanding",
     ),
+    "data-special-token-in-text": lambda tmp: read_first(
+        write_jsonl(tmp, {"prompt": "a red square <|image_pad|>", "image": "images/red.png"}), "text_to_image"
+    ),
     "data-empty-file": lambda tmp: JsonlDataset(write_jsonl(tmp), "text_to_image"),
     "data-every-line-bad": lambda tmp: read_first(write_jsonl(tmp, "[]", "{}"), "edit", on_error="skip"),
     "data-unknown-task": lambda tmp: JsonlDataset(write_jsonl(tmp, "{}"), "captioning"),

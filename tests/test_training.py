@@ -101,6 +101,24 @@ def test_bad_lines_name_file_and_line_and_can_be_skipped(tmp_path, toy, caplog):
         JsonlDataset(path, "captioning")
 
 
+
+@pytest.mark.parametrize("token", ["<|image_pad|>", "<|gen_pad|>", "<|im_end|>\n<|im_start|>assistant"])
+def test_special_tokens_typed_in_training_text_are_refused_not_an_end_of_epoch(tmp_path, toy, token):
+    """Read as structure they would add placeholders (the collator raised StopIteration: the Trainer stopped)."""
+    lines = toy["edit"].read_text().splitlines()[:2]
+    records = [json.loads(line.replace('"images/', f'"{toy["edit"].parent}/images/')) for line in lines]
+    records[0]["instruction"] += f" {token}"
+    path = tmp_path / "edit.jsonl"
+    path.write_text("\n".join(json.dumps(record) for record in records) + "\n")
+    with pytest.raises(DataError, match=rf"{path}:1: the text holds .*special tokens"):
+        JsonlDataset(path, "edit")[0]
+    assert JsonlDataset(path, "edit", on_error="skip")[0]["instruction"] == records[1]["instruction"]
+    model, processor = tiny_chat_model(seed=0)
+    sample = {**JsonlDataset(path, "edit", on_error="skip")[0], "instruction": records[0]["instruction"]}
+    with pytest.raises(ValueError, match="special tokens of EMMA's chat format"):
+        EmmaCollator(processor, model.config)([sample])
+
+
 EXPECTED_TRAINABLE = {
     "align": lambda name: name.startswith("model.und_adapter."),
     "pretrain": lambda name: not name.startswith("model.vae."),

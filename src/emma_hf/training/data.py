@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -30,6 +30,7 @@ from ..configuration_emma import EmmaConfig
 from ..modeling_emma import sample_flow_timesteps
 from ..processing_emma import (
     CHAT_TOKENS,
+    EMMA_SPECIAL_TOKENS,
     GEN_START_TOKEN,
     GEN_TOKEN,
     VISION_END_TOKEN,
@@ -50,6 +51,8 @@ REQUIRED_FIELDS = {
     "edit": {"image": str, "instruction": str, "target": str},
 }
 IGNORE_INDEX = -100
+# Token strings that the collator writes itself: typed in training text they would be read as structure.
+RESERVED_TEXT = (*EMMA_SPECIAL_TOKENS.values(), *CHAT_TOKENS)
 
 
 class DataError(ValueError):
@@ -153,6 +156,15 @@ class JsonlDataset(Dataset):
                 raise DataError(
                     f"{where}: field {name!r} must be a {kind.__name__}, got {type(record[name]).__name__}"
                 )
+        texts = (
+            message_texts(record["messages"])
+            if self.task == "understanding"
+            else [record["prompt" if self.task == "text_to_image" else "instruction"]]
+        )
+        try:
+            check_plain_text(texts, where)
+        except ValueError as error:
+            raise DataError(str(error)) from error
         sample = {"task": self.task, "where": where}
         if self.task == "understanding":
             sample["messages"] = record["messages"]
@@ -226,6 +238,17 @@ class TaskMixture(Dataset):
     def __getitem__(self, index: int) -> EmmaSample:
         task, position = self.schedule[index]
         return EmmaSample({**self.datasets[task][position], "index": index})
+
+
+def check_plain_text(texts: Iterable[str], where: str) -> None:
+    """Training text must not hold the tokens the collator writes: they would add placeholders or chat turns."""
+    for text in texts:
+        reserved = [token for token in RESERVED_TEXT if token in text]
+        if reserved:
+            raise ValueError(
+                f"{where}: the text holds {reserved}, special tokens of EMMA's chat format; training text cannot "
+                "contain them (they would add image placeholders or chat turns the sample does not have)"
+            )
 
 
 def is_probability(value) -> bool:
@@ -345,9 +368,12 @@ class EmmaCollator:
         return sample
 
     def sample_segments(self, sample: dict) -> list[tuple[str, bool]]:
+        where = sample.get("where", f"sample {sample.get('index', '?')}")
         if sample["task"] == "understanding":
+            check_plain_text(message_texts(sample["messages"]), where)
             return self.conversation_segments(sample["messages"])
         text = sample["prompt"] if sample["task"] == "text_to_image" else sample["instruction"]
+        check_plain_text([text], where)
         return self.generation_segments(text, sample["task"] == "edit")
 
     def conversation_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:

@@ -259,6 +259,15 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     ),
     "pipeline-output-type": lambda tmp: draw(output_type="jpeg"),
     "pipeline-generators": lambda tmp: draw(generator=[torch.Generator()] * 3),
+    "pipeline-generator-type": lambda tmp: draw(generator=0),
+    "pipeline-empty-sigmas": lambda tmp: draw(sigmas=[]),
+    "pipeline-nan-sigmas": lambda tmp: draw(sigmas=[1.0, float("nan")]),
+    "pipeline-sigmas-range": lambda tmp: draw(sigmas=[2.0, 0.5]),
+    "pipeline-integer-latents": lambda tmp: draw(latents=torch.zeros(1, 32, 2, 2, dtype=torch.long)),
+    "pipeline-callback-returns-none": lambda tmp: draw(callback_on_step_end=lambda pipeline, step, t, tensors: None),
+    "pipeline-callback-latents-shape": lambda tmp: draw(
+        callback_on_step_end=lambda pipeline, step, t, tensors: {"latents": tensors["latents"][:, :, :1]}
+    ),
     "pipeline-tokens-disagree": lambda tmp: EmmaPipeline.from_model(tiny_model(), tiny_processor()),
     # Training data and configs
     "data-missing-field": lambda tmp: read_first(write_jsonl(tmp, {"image": "images/red.png"}), "text_to_image"),
@@ -329,6 +338,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "cli-steps": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--steps", "0"]),
     "cli-height": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--height", "100"]),
     "cli-guidance": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--guidance", "-1"]),
+    "cli-eval-count": lambda tmp: main(["eval", "--questions", "-3"]),
     "cli-output-extension": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.txt")]),
     "cli-missing-image": lambda tmp: main(
         ["edit", str(tmp / "missing.png"), "make it blue", "-o", str(tmp / "x.png")]

@@ -101,7 +101,6 @@ def test_bad_lines_name_file_and_line_and_can_be_skipped(tmp_path, toy, caplog):
         JsonlDataset(path, "captioning")
 
 
-
 @pytest.mark.parametrize("token", ["<|image_pad|>", "<|gen_pad|>", "<|im_end|>\n<|im_start|>assistant"])
 def test_special_tokens_typed_in_training_text_are_refused_not_an_end_of_epoch(tmp_path, toy, token):
     """Read as structure they would add placeholders (the collator raised StopIteration: the Trainer stopped)."""

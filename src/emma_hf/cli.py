@@ -346,9 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat_parser.set_defaults(run=chat)
 
     eval_parser = add_command("eval", "the shapes-world scores (docs/shapes.md) as a table")
-    eval_parser.add_argument("--questions", type=int, default=500, help="questions to answer (understanding)")
-    eval_parser.add_argument("--prompts", type=int, default=200, help="prompts to draw (text-to-image)")
-    eval_parser.add_argument("--edits", type=int, default=200, help="instructions to apply (editing)")
+    eval_parser.add_argument("--questions", type=positive_int, default=500, help="questions to answer (understanding)")
+    eval_parser.add_argument("--prompts", type=positive_int, default=200, help="prompts to draw (text-to-image)")
+    eval_parser.add_argument("--edits", type=positive_int, default=200, help="instructions to apply (editing)")
     eval_parser.add_argument("--image-guidance", type=guidance_scale, help=IMAGE_GUIDANCE_HELP)
     eval_parser.add_argument("--json", help="also write the scores to this JSON file")
     add_model_options(eval_parser)

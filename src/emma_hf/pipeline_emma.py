@@ -403,6 +403,7 @@ class EmmaPipeline(DiffusionPipeline):
         latents,
         output_type,
         callback_on_step_end_tensor_inputs,
+        generator=None,
     ) -> None:
         if isinstance(prompt, str):
             prompts = [prompt]
@@ -432,6 +433,24 @@ class EmmaPipeline(DiffusionPipeline):
             raise ValueError("pass only one of `timesteps` or `sigmas`")
         check_scheduler(self.scheduler, self._compatibles)
         check_custom_schedule(self.scheduler, timesteps, sigmas)
+        highest = self.scheduler.config.num_train_timesteps
+        for name, schedule, top in (("timesteps", timesteps, highest), ("sigmas", sigmas, 1.0)):
+            if schedule is None:
+                continue
+            values = np.asarray(schedule.cpu() if isinstance(schedule, torch.Tensor) else schedule, dtype=object)
+            if values.ndim != 1 or len(values) == 0:
+                raise ValueError(f"`{name}` must be a non-empty list of numbers, got {schedule!r}")
+            numbers = [as_python_number(value) for value in values]
+            if not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= top
+                for v in numbers
+            ):
+                raise ValueError(f"`{name}` must hold finite numbers in [0, {top}], got {list(numbers)}")
+        generators = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
+            raise TypeError(
+                f"`generator` must be a torch.Generator, a list of them (one per image) or None, got {generator!r}"
+            )
         if (
             timesteps is None
             and sigmas is None
@@ -466,6 +485,8 @@ class EmmaPipeline(DiffusionPipeline):
         if latents is not None:
             if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
                 raise ValueError("`latents` must be a (batch, channels, height / 32, width / 32) tensor")
+            if not latents.is_floating_point():
+                raise TypeError(f"`latents` must be a floating-point tensor, got {latents.dtype}")
             if not torch.isfinite(latents).all():
                 raise ValueError("`latents` must be finite (no NaN or inf)")
         if output_type not in OUTPUT_TYPES:
@@ -539,6 +560,25 @@ class EmmaPipeline(DiffusionPipeline):
                 f"`generator` as a list must hold one generator per image ({batch_size}), got {len(generator)}"
             )
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    @staticmethod
+    def latents_from_callback(outputs, latents: torch.Tensor) -> torch.Tensor:
+        """The latents a `callback_on_step_end` returned (its dict may leave them out), checked like `latents`."""
+        if not isinstance(outputs, dict):
+            raise TypeError(
+                f"callback_on_step_end must return a dict (the callback_kwargs it got), got {type(outputs).__name__}"
+            )
+        returned = outputs.pop("latents", latents)
+        if (
+            not isinstance(returned, torch.Tensor)
+            or returned.shape != latents.shape
+            or not returned.is_floating_point()
+        ):
+            raise ValueError(
+                f"callback_on_step_end must return latents of shape {tuple(latents.shape)} and a floating dtype, "
+                f"got {getattr(returned, 'shape', type(returned).__name__)}"
+            )
+        return returned
 
     def predict_guided_velocity(
         self, latents: torch.Tensor, t: torch.Tensor, context, num_conditions: int, guided: bool
@@ -660,6 +700,7 @@ class EmmaPipeline(DiffusionPipeline):
             latents,
             output_type,
             callback_on_step_end_tensor_inputs,
+            generator,
         )
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negative_prompts = (
@@ -742,7 +783,7 @@ class EmmaPipeline(DiffusionPipeline):
                     step_tensors = {"latents": latents}
                     callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
+                    latents = self.latents_from_callback(callback_outputs, latents)
                 progress_bar.update()
         self._current_timestep = None
 

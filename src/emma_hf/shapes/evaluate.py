@@ -91,6 +91,9 @@ def evaluate(
     Score the pipeline's model on freshly drawn scenes (`seed` must be one training never used); sampler settings
     left as None are the checkpoint's.
     """
+    for name, count in (("num_questions", num_questions), ("num_prompts", num_prompts), ("num_edits", num_edits)):
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise ValueError(f"{name} must be an integer >= 1 (a score needs samples), got {count!r}")
     canvas = canvas_of(pipe)
     progress = progress or no_progress
     scores = {"understanding": TaskScores(QUESTION_TYPES)}

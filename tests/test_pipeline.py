@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 import os
+from pathlib import Path
 
 import diffusers
 import numpy as np
@@ -524,3 +525,120 @@ def test_the_example_in_the_call_docstring_runs():
     )
     assert namespace["image"].size == namespace["edited"].size == (96, 96)
     assert "EmmaPipeline.from_pretrained" in EmmaPipeline.__call__.__doc__
+
+
+def saved_adapter(folder, seed: int, rank: int = 4) -> str:
+    """A PEFT adapter of the generation stream with random (non-zero) weights, saved as `PeftModel` saves it."""
+    base = make_pipeline(seed=13)
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, target_modules=r".*language_model\.layers\.\d+\.gen\..*(q_proj|v_proj)"
+    )
+    peft_model = get_peft_model(base.model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    peft_model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    return saved_adapter(folder / "a", seed=1), saved_adapter(folder / "b", seed=2)
+
+
+def denoised(pipe, **kwargs) -> torch.Tensor:
+    """The final latents: a LoRA of the drawing stream moves them well above float noise on the tiny model."""
+    return draw(pipe, seed=3, output_type="latent", **kwargs)
+
+
+def test_lora_adapters_load_switch_weigh_and_disable_as_in_diffusers(adapters):
+    first, second = adapters
+    pipe = make_pipeline(seed=13)
+    plain = denoised(pipe)
+    pipe.load_lora_weights(first)
+    with_first = denoised(pipe)
+    pipe.load_lora_weights(second)
+    assert pipe.get_list_adapters() == {"model": ["default_0", "default_1"]}
+    assert pipe.get_active_adapters() == ["default_1"]
+    with_second = denoised(pipe)
+    assert (with_first - plain).abs().max() > 1e-3 and (with_second - with_first).abs().max() > 1e-3
+
+    pipe.set_adapters(["default_0", "default_1"], adapter_weights=[1.0, 0.0])
+    assert pipe.get_active_adapters() == ["default_0", "default_1"]
+    torch.testing.assert_close(denoised(pipe), with_first, atol=1e-6, rtol=0)
+    pipe.set_adapters("default_0", 0.0)
+    torch.testing.assert_close(denoised(pipe), plain, atol=1e-6, rtol=0)
+    pipe.set_adapters("default_0")
+    pipe.disable_lora()
+    assert torch.equal(denoised(pipe), plain)
+    pipe.enable_lora()
+    torch.testing.assert_close(denoised(pipe), with_first, atol=1e-6, rtol=0)
+
+    pipe.delete_adapters("default_1")
+    assert pipe.get_list_adapters() == {"model": ["default_0"]}
+    pipe.unload_lora_weights()
+    assert pipe.get_list_adapters() == {} and not pipe.lora_layers()
+    assert torch.equal(denoised(pipe), plain)
+    with pytest.raises(ValueError, match="adapter_names must name loaded adapters"):
+        pipe.set_adapters("default_0")
+
+
+def test_lora_fuses_with_a_scale_unfuses_and_scales_per_call(adapters):
+    first, _ = adapters
+    pipe = make_pipeline(seed=13)
+    plain = denoised(pipe)
+    pipe.load_lora_weights(first, adapter_name="shapes")
+    layers = pipe.lora_layers()
+    weights = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    pipe.set_adapters("shapes", 0.5)
+    half = denoised(pipe)
+    pipe.set_adapters("shapes", 1.0)
+    full = denoised(pipe)
+    assert (half - plain).abs().max() > 1e-3 and (full - half).abs().max() > 1e-3
+    torch.testing.assert_close(denoised(pipe, attention_kwargs={"scale": 0.5}), half)
+    assert torch.equal(denoised(pipe), full)  # the per-call scale is undone
+
+    pipe.fuse_lora(lora_scale=0.5)
+    for layer, weight in zip(layers, weights):
+        assert layer.scaling["shapes"] == 0.5 * layer.lora_alpha["shapes"] / layer.r["shapes"]
+        delta = layer.scaling["shapes"] * (layer.lora_B["shapes"].weight @ layer.lora_A["shapes"].weight)
+        torch.testing.assert_close(layer.get_base_layer().weight, weight + delta, atol=1e-6, rtol=0)
+    # Merged arithmetic rounds differently from the separate LoRA path.
+    torch.testing.assert_close(denoised(pipe), half, atol=2e-5, rtol=0)
+    pipe.unfuse_lora()
+    for layer, weight in zip(layers, weights):
+        torch.testing.assert_close(layer.get_base_layer().weight, weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(denoised(pipe), full, atol=2e-5, rtol=0)
+    with pytest.raises(ValueError, match="attention_kwargs may only hold 'scale'"):
+        draw(pipe, attention_kwargs={"temperature": 2.0})
+
+
+def test_lora_weights_load_by_weight_name_and_from_a_state_dict(adapters, tmp_path):
+    from peft import LoraConfig as Config
+    from safetensors.torch import load_file
+
+    first, _ = adapters
+    reference = make_pipeline(seed=13)
+    reference.load_lora_weights(first)
+    expected = draw(reference, seed=3)
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    (renamed / "adapter_config.json").write_text((Path(first) / "adapter_config.json").read_text())
+    (renamed / "my_lora.safetensors").write_bytes((Path(first) / "adapter_model.safetensors").read_bytes())
+    weights = load_file(Path(first) / "adapter_model.safetensors")
+    for source, options in (
+        (str(renamed), {"weight_name": "my_lora.safetensors"}),
+        (weights, {}),
+        (weights, {"lora_config": Config.from_pretrained(first)}),
+    ):
+        pipe = make_pipeline(seed=13)
+        pipe.load_lora_weights(source, adapter_name="shapes", **options)
+        torch.testing.assert_close(draw(pipe, seed=3), expected)
+        with pytest.raises(ValueError, match="an adapter named 'shapes' is loaded already"):
+            pipe.load_lora_weights(source, adapter_name="shapes", **options)
+    with pytest.raises(FileNotFoundError, match="no LoRA weights file 'missing.safetensors'"):
+        make_pipeline(seed=13).load_lora_weights(str(renamed), weight_name="missing.safetensors")

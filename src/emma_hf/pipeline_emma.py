@@ -8,10 +8,12 @@ the generated image's tokens against it. Classifier-free guidance batches its co
 This file imports no sibling module, so it loads as diffusers remote code next to the model's own files.
 """
 
+import contextlib
 import importlib
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -157,6 +159,48 @@ def source_images(image):
     if isinstance(image, (list, tuple)):
         return [unit_range(item) for item in image]
     return unit_range(image) if image is not None else None
+
+
+def lora_scale_of(attention_kwargs: dict | None) -> float:
+    """The per-call LoRA scale of `attention_kwargs` (diffusers' `{"scale": ...}`); EMMA takes no other key."""
+    if attention_kwargs is None:
+        return 1.0
+    if not isinstance(attention_kwargs, dict) or set(attention_kwargs) - {"scale"}:
+        raise ValueError(f"attention_kwargs may only hold 'scale' (the LoRA scale), got {attention_kwargs!r}")
+    scale = as_python_number(attention_kwargs.get("scale", 1.0))
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"attention_kwargs['scale'] must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def lora_config_from_state_dict(state_dict: dict[str, torch.Tensor]):
+    """A `LoraConfig` for bare LoRA weights: the modules and ranks they hold, `lora_alpha = r` (scale 1)."""
+    from peft import LoraConfig
+
+    ranks = {key.split(".lora_A")[0]: tensor.shape[0] for key, tensor in state_dict.items() if ".lora_A" in key}
+    if not ranks:
+        raise ValueError("the state dict holds no LoRA weights (no `lora_A` keys)")
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(ranks),
+        rank_pattern={name: r for name, r in ranks.items() if r != rank},
+        alpha_pattern={name: r for name, r in ranks.items() if r != rank},
+    )
+
+
+def adapter_weights(source: str | os.PathLike, weight_name: str, **download) -> dict[str, torch.Tensor]:
+    """The LoRA weights file `weight_name` of a local folder or a Hub repository."""
+    from huggingface_hub import hf_hub_download
+    from safetensors.torch import load_file
+
+    local = os.path.join(source, download.get("subfolder") or "", weight_name)
+    if os.path.isdir(source):
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"no LoRA weights file {weight_name!r} in {os.fspath(source)!r}")
+        return load_file(local)
+    return load_file(hf_hub_download(os.fspath(source), weight_name, **download))
 
 
 def check_components(model, processor) -> None:
@@ -348,13 +392,132 @@ class EmmaPipeline(DiffusionPipeline):
         """The timestep being denoised, inside a call (for callbacks); None outside one."""
         return self._current_timestep
 
-    def load_lora_weights(self, pretrained_model_name_or_path: str, adapter_name: str | None = None, **kwargs) -> None:
-        """Load a PEFT LoRA adapter (folder or Hub id) into the model and make it the active one, for inference."""
-        # peft's own `set_adapter`: transformers >= 5.24 refuses its `model.set_adapter` below peft 0.22.
-        from peft.functional import set_adapter
+    def load_lora_weights(
+        self,
+        pretrained_model_name_or_path_or_dict: str | os.PathLike | dict[str, torch.Tensor],
+        adapter_name: str | None = None,
+        weight_name: str | None = None,
+        lora_config=None,
+        **kwargs,
+    ) -> None:
+        """
+        Load a PEFT LoRA adapter into the model, as diffusers' `load_lora_weights` does: from a folder or Hub id (the
+        folder of `PeftModel.save_pretrained` or `emma-hf train`; `weight_name` picks another weights file in it), or
+        from a state dict (its `lora_config`, a `peft.LoraConfig`, or one inferred from the ranks with
+        `lora_alpha = r`). Unnamed adapters are called `default_0`, `default_1`, ...; the adapter loaded last is the
+        active one. Keyword arguments go to the download (`revision`, `token`, `subfolder`, ...).
+        """
+        from peft import LoraConfig
 
-        self.model.load_adapter(pretrained_model_name_or_path, adapter_name=adapter_name, **kwargs)
-        set_adapter(self.model, adapter_name or "default", inference_mode=True)
+        names = self.get_list_adapters().get("model", [])
+        adapter_name = adapter_name or f"default_{len(names)}"
+        if adapter_name in names:
+            raise ValueError(f"an adapter named {adapter_name!r} is loaded already; pass another adapter_name")
+        source = pretrained_model_name_or_path_or_dict
+        if isinstance(source, dict):
+            state_dict = source
+        else:
+            lora_config = lora_config or LoraConfig.from_pretrained(source, **kwargs)
+            state_dict = adapter_weights(source, weight_name or "adapter_model.safetensors", **kwargs)
+        # `PeftModel.save_pretrained` names keys from the PeftModel wrapper; the adapter goes into the bare model.
+        state_dict = {key.removeprefix("base_model.model."): value for key, value in state_dict.items()}
+        config = lora_config or lora_config_from_state_dict(state_dict)
+        # peft's own functions: transformers >= 5.24 refuses its adapter methods below peft 0.22.
+        from peft.functional import inject_adapter_in_model, set_peft_model_state_dict
+
+        with warnings.catch_warnings():
+            # Several adapters in one model are what this method is for.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            inject_adapter_in_model(config, self.model, adapter_name=adapter_name)
+        result = set_peft_model_state_dict(self.model, state_dict, adapter_name=adapter_name)
+        missing = [key for key in result.missing_keys if f".{adapter_name}." in key and "lora_" in key]
+        if missing:
+            self.delete_adapters(adapter_name)
+            raise ValueError(f"the LoRA weights lack {len(missing)} tensors the adapter needs, e.g. {missing[:3]}")
+        self.model.eval()
+        self.set_adapters(adapter_name)
+
+    @contextlib.contextmanager
+    def scaled_lora(self, scale: float):
+        """The active LoRA adapters scaled by `scale` inside the block (diffusers' per-call LoRA scale)."""
+        from diffusers.utils.peft_utils import scale_lora_layers, unscale_lora_layers
+
+        scale_lora_layers(self.model, scale)
+        try:
+            yield
+        finally:
+            unscale_lora_layers(self.model, scale)
+
+    def lora_layers(self) -> list:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        return [module for module in self.model.modules() if isinstance(module, BaseTunerLayer)]
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        """The adapters loaded in each component (`{"model": [...]}`), as diffusers lists them."""
+        layers = self.lora_layers()
+        names = list(dict.fromkeys(name for layer in layers for name in layer.lora_A)) if layers else []
+        return {"model": names} if names else {}
+
+    def get_active_adapters(self) -> list[str]:
+        layers = self.lora_layers()
+        return list(layers[0].active_adapters) if layers else []
+
+    def set_adapters(self, adapter_names: str | list[str], adapter_weights: float | list[float] | None = None) -> None:
+        """Activate `adapter_names` together, each scaled by its weight (default 1.0), as in diffusers."""
+        from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        loaded = self.get_list_adapters().get("model", [])
+        unknown = [name for name in names if name not in loaded]
+        if unknown or not names:
+            raise ValueError(f"adapter_names must name loaded adapters {loaded}, got {adapter_names!r}")
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else [adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise ValueError(f"adapter_weights must hold one weight per adapter ({len(names)}), got {len(weights)}")
+        weights = [1.0 if weight is None else weight for weight in weights]
+        set_weights_and_activate_adapters(self.model, names, weights)
+
+    def enable_lora(self) -> None:
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        set_adapter_layers(self.model, enabled=True)
+
+    def disable_lora(self) -> None:
+        """Draw with the base model; the adapters stay loaded (`enable_lora` turns them back on)."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        set_adapter_layers(self.model, enabled=False)
+
+    def delete_adapters(self, adapter_names: str | list[str]) -> None:
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+            delete_adapter_layers(self.model, name)
+
+    def unload_lora_weights(self) -> None:
+        """Remove every adapter and the LoRA layers themselves: the model is the base model again."""
+        from diffusers.utils.peft_utils import recurse_remove_peft_layers
+
+        recurse_remove_peft_layers(self.model)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        self.model._hf_peft_config_loaded = False
+
+    def fuse_lora(self, lora_scale: float = 1.0, adapter_names: list[str] | None = None, safe_fusing: bool = False):
+        """Merge the active (or the named) adapters into the base weights, scaled by `lora_scale`."""
+        for layer in self.lora_layers():
+            layer.scale_layer(lora_scale)
+            layer.merge(safe_merge=safe_fusing, adapter_names=adapter_names)
+        self._lora_fuse_scale = lora_scale
+
+    def unfuse_lora(self) -> None:
+        """Take the fused adapters back out of the base weights (exact up to float rounding)."""
+        scale = getattr(self, "_lora_fuse_scale", 1.0)
+        for layer in self.lora_layers():
+            layer.unmerge()
+            layer.unscale_layer(scale)
+        self._lora_fuse_scale = 1.0
 
     def sampler_setting(self, name: str, value):
         """`value`, or where it is None the checkpoint's setting, or the pipeline's own default."""
@@ -621,6 +784,7 @@ class EmmaPipeline(DiffusionPipeline):
         | MultiPipelineCallbacks
         | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> EmmaPipelineOutput | tuple:
         r"""
         Draw (`image=None`) or edit (`image` given) one image per prompt and per `num_images_per_prompt`.
@@ -668,6 +832,8 @@ class EmmaPipeline(DiffusionPipeline):
                 replaces the latents. Setting `pipe._interrupt = True` there skips the remaining steps.
             callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`):
                 The tensors the callback receives.
+            attention_kwargs (`dict`, *optional*):
+                `{"scale": s}` scales the active LoRA adapters for this call only, as in diffusers.
 
         Examples:
 
@@ -683,6 +849,7 @@ class EmmaPipeline(DiffusionPipeline):
         guidance_scale = as_python_number(self.sampler_setting("guidance_scale", guidance_scale))
         image_guidance_scale = as_python_number(self.sampler_setting("image_guidance_scale", image_guidance_scale))
         image = source_images(image)
+        lora_scale = lora_scale_of(attention_kwargs)
         self.check_inputs(
             prompt,
             image,
@@ -744,48 +911,58 @@ class EmmaPipeline(DiffusionPipeline):
             generator,
             latents,
         )
-        context, num_conditions = self.encode_prompt(
-            prompts, images, negative_prompts, self._do_text_guidance, self._do_image_guidance, num_images_per_prompt
-        )
-        full_context = context.select(range(batch_size)) if guidance_interval is not None else context
+        with self.scaled_lora(lora_scale):
+            context, num_conditions = self.encode_prompt(
+                prompts,
+                images,
+                negative_prompts,
+                self._do_text_guidance,
+                self._do_image_guidance,
+                num_images_per_prompt,
+            )
+            full_context = context.select(range(batch_size)) if guidance_interval is not None else context
 
-        if (
-            timesteps is None
-            and sigmas is None
-            and "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters
-        ):
-            sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
-        image_seq_len = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
-        mu = math.log(self.dynamic_shift(image_seq_len)) if self.scheduler.config.get("use_dynamic_shifting") else None
-        timesteps, self._num_timesteps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps, sigmas, mu=mu
-        )
-        # The noise level `t` in [0, 1] of each step (a second-order scheduler visits some twice).
-        noise_levels = self.scheduler.sigmas[: len(timesteps)]
-        low, high = guidance_interval or (0.0, 1.0)
-        guided_steps = [low <= level <= high for level in noise_levels.tolist()]
-        step_arguments = inspect.signature(self.scheduler.step).parameters
-        stochastic = {"generator": generator} if "generator" in step_arguments else {}
+            if (
+                timesteps is None
+                and sigmas is None
+                and "sigmas" in inspect.signature(self.scheduler.set_timesteps).parameters
+            ):
+                sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+            image_seq_len = (height // self.vae_scale_factor) * (width // self.vae_scale_factor)
+            mu = (
+                math.log(self.dynamic_shift(image_seq_len))
+                if self.scheduler.config.get("use_dynamic_shifting")
+                else None
+            )
+            timesteps, self._num_timesteps = retrieve_timesteps(
+                self.scheduler, num_inference_steps, device, timesteps, sigmas, mu=mu
+            )
+            # The noise level `t` in [0, 1] of each step (a second-order scheduler visits some twice).
+            noise_levels = self.scheduler.sigmas[: len(timesteps)]
+            low, high = guidance_interval or (0.0, 1.0)
+            guided_steps = [low <= level <= high for level in noise_levels.tolist()]
+            step_arguments = inspect.signature(self.scheduler.step).parameters
+            stochastic = {"generator": generator} if "generator" in step_arguments else {}
 
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                self._current_timestep = t
-                noise_level = noise_levels[i]
-                step_context = context if guided_steps[i] else full_context
-                velocity = self.predict_guided_velocity(
-                    latents, noise_level, step_context, num_conditions, guided_steps[i]
-                )
-                latents = self.scheduler.step(velocity, t, latents, return_dict=False, **stochastic)[0]
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
+                    self._current_timestep = t
+                    noise_level = noise_levels[i]
+                    step_context = context if guided_steps[i] else full_context
+                    velocity = self.predict_guided_velocity(
+                        latents, noise_level, step_context, num_conditions, guided_steps[i]
+                    )
+                    latents = self.scheduler.step(velocity, t, latents, return_dict=False, **stochastic)[0]
 
-                if callback_on_step_end is not None:
-                    step_tensors = {"latents": latents}
-                    callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = self.latents_from_callback(callback_outputs, latents)
-                progress_bar.update()
-        self._current_timestep = None
+                    if callback_on_step_end is not None:
+                        step_tensors = {"latents": latents}
+                        callback_kwargs = {name: step_tensors[name] for name in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        latents = self.latents_from_callback(callback_outputs, latents)
+                    progress_bar.update()
+            self._current_timestep = None
 
         if output_type == "latent":
             images_out = latents

@@ -269,3 +269,14 @@ def test_rescale_and_normalize_switches_apply_to_pixel_values_and_survive_saving
             assert torch.equal(output["vae_pixel_values"], default["vae_pixel_values"]), name
         as_call_argument = EmmaImageProcessor(size={"height": 64, "width": 64})(image, return_tensors="pt", **setting)
         assert torch.allclose(as_call_argument["pixel_values"][0], expected, atol=1e-5), name
+
+
+def test_the_tokenizer_pads_on_the_left_for_generation_also_after_saving(tmp_path):
+    """transformers' pipelines pad batches with the tokenizer's own side (5.23 does not switch it to left)."""
+    processor = tiny_processor()
+    assert processor.tokenizer.padding_side == "left"
+    processor.save_pretrained(tmp_path)
+    reloaded = EmmaProcessor.from_pretrained(tmp_path)
+    assert reloaded.tokenizer.padding_side == "left"
+    padded = reloaded.tokenizer(["a", "a red square"], padding=True)["attention_mask"]
+    assert padded[0][0] == 0 and padded[0][-1] == 1

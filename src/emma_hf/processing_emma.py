@@ -390,6 +390,8 @@ class EmmaProcessor(ProcessorMixin):
         missing = [token for token in (*CHAT_TOKENS, *EMMA_SPECIAL_TOKENS.values()) if token not in registered]
         if missing:
             tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+        # Generation pads on the left, also where a caller pads with the tokenizer itself (transformers' pipelines).
+        tokenizer.padding_side = "left"
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)

@@ -124,4 +124,4 @@ def test_lora_notebook_trains_saves_and_loads_an_adapter(tmp_path: Path):
     with safe_open(weights, framework="pt") as adapter:
         names = list(adapter.keys())
     assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
-    assert "adapters: ['default']" in out
+    assert "adapters: {'model': ['default_0']} active: ['default_0']" in out

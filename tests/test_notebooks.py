@@ -112,6 +112,8 @@ def test_text_to_image_notebook_draws_checks_and_edits(tmp_path: Path):
     num_edits = len(re.findall(r"^(?:pass|FAIL) \| (?:make|remove|add|move|replace) ", out, flags=re.MULTILINE))
     assert num_edits >= 3 and images[5].size == (2 * ((1 + num_edits) * (96 + 6) - 6), 2 * 96)
     assert "ndarray (1, 96, 96, 3) float32" in out
+    swapped = re.findall(r"^DPM-Solver\+\+, (\d+) steps: (\d)/5 images pass the checker$", out, flags=re.MULTILINE)
+    assert [steps for steps, _ in swapped] == ["10", "20"] and all(int(passing) >= 2 for _, passing in swapped), out
 
 
 def test_lora_notebook_trains_saves_and_loads_an_adapter(tmp_path: Path):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from emma_hf.cli import main
 from emma_hf.hub import export_checkpoint
-from emma_hf.training import TrainConfig, build_trainer
+from emma_hf.training import TrainConfig, build_trainer, run_training
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +248,21 @@ def test_a_closed_vocabulary_learns_the_words_of_its_training_data(workspace):
     known = json.loads((workspace / "closed-run" / "final" / "processor_config.json").read_text())["known_words"]
     assert {"zebra", "what", "colour", "square", "draw", "make", "red"} <= set(known)
     assert "the" in known and not [word for word in known if word != word.lower()]
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_while_the_first_runs(workspace):
+    """The lock names the other process; a lock left by a process that has ended is taken over and removed."""
+    config_path = write_config(workspace, "locked", training={"max_steps": 1})
+    lock = workspace / "locked" / ".emma-train.lock"
+    lock.parent.mkdir(exist_ok=True)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{other.pid}\n")
+        with pytest.raises(RuntimeError, match=rf"being written by another training run \(process {other.pid}\)"):
+            run_training(TrainConfig.from_yaml(config_path))
+        assert not (workspace / "locked" / "final").exists()
+    finally:
+        other.kill()
+        other.wait()
+    run_training(TrainConfig.from_yaml(config_path))  # the lock of the ended process is stale
+    assert (workspace / "locked" / "final" / "README.md").is_file() and not lock.exists()

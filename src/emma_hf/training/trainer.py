@@ -25,6 +25,7 @@ The config (YAML):
                                      # any transformers.TrainingArguments field; learning_rate defaults to the stage's
 """
 
+import contextlib
 import os
 import shutil
 import warnings
@@ -52,6 +53,8 @@ from .stages import apply_stage, get_stage
 
 # Checkpoints are written under this folder of output_dir, then renamed into place.
 STAGING_FOLDER = ".checkpoint-staging"
+# Held in output_dir by the process training into it.
+LOCK_NAME = ".emma-train.lock"
 
 
 class EmmaTrainer(Trainer):
@@ -285,7 +288,58 @@ def build_trainer(config: TrainConfig) -> EmmaTrainer:
 
 
 def run_training(config: TrainConfig) -> EmmaTrainer:
-    """Train, then save: the adapter (LoRA) or an exported checkpoint, under `output_dir/final`."""
+    """
+    Train, then save: the adapter (LoRA) or an exported checkpoint, under `output_dir/final`. A lock file keeps a
+    second run from writing into the same `output_dir` meanwhile.
+    """
+    with output_dir_lock(config.output_dir):
+        return train_and_save(config)
+
+
+@contextlib.contextmanager
+def output_dir_lock(output_dir: str):
+    """
+    `output_dir/.emma-train.lock` holding this process's id while it trains (the main process of a distributed run
+    takes it). A lock whose process has ended is stale and taken over; a live one is an error naming its process.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    os.makedirs(output_dir, exist_ok=True)
+    lock = Path(output_dir) / LOCK_NAME
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip()
+            if holder.isdigit() and process_is_running(int(holder)):
+                raise RuntimeError(
+                    f"{output_dir!r} is being written by another training run (process {holder}); wait for it to "
+                    f"finish or choose another output_dir (a stale lock is {str(lock)!r})"
+                ) from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise RuntimeError(f"could not take the training lock {str(lock)!r}; remove it if no run is using the folder")
+    with os.fdopen(descriptor, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def process_is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def train_and_save(config: TrainConfig) -> EmmaTrainer:
     trainer = build_trainer(config)
     checkpoint = config.resume
     if checkpoint is True:

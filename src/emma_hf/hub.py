@@ -43,6 +43,8 @@ SCHEDULER_SUBFOLDER = "scheduler"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
 # Files where `save_pretrained` records remote-code classes (`auto_map`) for classes registered with auto classes.
 AUTO_MAP_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")
+# Keywords of `upload_export`, which `push_to_hub` passes on.
+UPLOAD_SETTINGS = ("private", "token", "revision", "commit_message", "create_pr")
 # `save_pretrained` records the one auto class a model class is registered with; the Hub's remote code answers to
 # every auto class of a multimodal generator (releases without one ignore its entry).
 EXTRA_MODEL_AUTO_CLASSES = ("AutoModelForMultimodalLM", "AutoModelForCausalLM")
@@ -314,35 +316,21 @@ def push_to_hub(
     processor: EmmaProcessor,
     repo_id: str,
     *,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload EMMA checkpoint",
-    create_pr: bool = False,
     scheduler: SchedulerMixin | None = None,
     max_shard_size: int | str = "5GB",
-    **card_fields,
+    **fields,
 ):
-    """Export to a temporary folder and upload it with huggingface_hub's `create_repo` + `upload_folder`."""
+    """
+    Export to a temporary folder and upload it with huggingface_hub's `create_repo` + `upload_folder`. The keywords
+    of [`upload_export`] (`private`, `token`, `revision`, `commit_message`, `create_pr`) go to the upload, the others
+    into the model card (see [`export_checkpoint`]).
+    """
+    upload = {name: fields.pop(name) for name in UPLOAD_SETTINGS if name in fields}
     with tempfile.TemporaryDirectory() as folder:
         export_checkpoint(
-            model,
-            processor,
-            folder,
-            scheduler=scheduler,
-            repo_id=repo_id,
-            max_shard_size=max_shard_size,
-            **card_fields,
+            model, processor, folder, scheduler=scheduler, repo_id=repo_id, max_shard_size=max_shard_size, **fields
         )
-        return upload_export(
-            folder,
-            repo_id,
-            private=private,
-            token=token,
-            revision=revision,
-            commit_message=commit_message,
-            create_pr=create_pr,
-        )
+        return upload_export(folder, repo_id, **upload)
 
 
 def upload_export(

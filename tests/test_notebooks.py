@@ -114,6 +114,12 @@ def test_text_to_image_notebook_draws_checks_and_edits(tmp_path: Path):
     assert "ndarray (1, 96, 96, 3) float32" in out
     swapped = re.findall(r"^DPM-Solver\+\+, (\d+) steps: (\d)/5 images pass the checker$", out, flags=re.MULTILINE)
     assert [steps for steps, _ in swapped] == ["10", "20"] and all(int(passing) >= 2 for _, passing in swapped), out
+    # Two LoRA adapters: loaded, switched, mixed, scaled for one call, fused and unloaded.
+    assert "loaded: {'model': ['first', 'second']} active: ['second']" in out
+    changes = dict(re.findall(r"^(.+?) +\| largest pixel change from no adapter: (\d+)$", out, flags=re.MULTILINE))
+    assert changes["no adapter"] == "0" and all(int(changes[label]) > 10 for label in changes if label != "no adapter")
+    fused = int(re.search(r"^fused vs unfused first adapter, largest pixel change: (\d+)$", out, flags=re.M).group(1))
+    assert fused <= 2 and "after unload_lora_weights: {} 0" in out
 
 
 def test_lora_notebook_trains_saves_and_loads_an_adapter(tmp_path: Path):

@@ -220,13 +220,10 @@ def write_model_files(model: EmmaForConditionalGeneration, save_directory: Path,
     # Saved aside, then swapped in whole: shards or an index left from an earlier export must not mix with these.
     staging = Path(tempfile.mkdtemp(prefix=".model-", dir=save_directory))
     staging.chmod(0o755)  # mkdtemp's private mode would stay on the renamed folder
+    # `save_pretrained` adds the registered auto class to the config's `auto_map` and writes it with these.
+    model_class = f"{type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
+    model.config.auto_map = {**(model.config.auto_map or {}), **dict.fromkeys(EXTRA_MODEL_AUTO_CLASSES, model_class)}
     model.save_pretrained(staging, max_shard_size=max_shard_size)
-    config_path = staging / "config.json"
-    config = json.loads(config_path.read_text())
-    model_class = config["auto_map"]["AutoModelForImageTextToText"]
-    config["auto_map"].update(dict.fromkeys(EXTRA_MODEL_AUTO_CLASSES, model_class))
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    model.config.auto_map = config["auto_map"]  # as `save_pretrained` records it in memory too
     if model_directory.exists():
         shutil.rmtree(model_directory)
     staging.rename(model_directory)

@@ -90,11 +90,11 @@ def retrieve_timesteps(
     **kwargs,
 ) -> tuple[torch.Tensor, int]:
     """
-    diffusers' helper of this name: `scheduler.set_timesteps` with custom `timesteps` or `sigmas` where the scheduler
-    takes them (a clear error where it does not), then the scheduler's timesteps and their count. Keyword arguments
+    diffusers' helper of this name: `scheduler.set_timesteps` with custom `timesteps` or `sigmas`, then the
+    scheduler's timesteps and their count. Keyword arguments
     the scheduler's `set_timesteps` does not take (`mu` for a scheduler without dynamic shifting) are left out.
+    `check_custom_schedule` (run by `check_inputs`) has refused a custom schedule the scheduler cannot take.
     """
-    check_custom_schedule(scheduler, timesteps, sigmas)
     accepted = inspect.signature(scheduler.set_timesteps).parameters
     if timesteps is not None:
         schedule = {"timesteps": timesteps}
@@ -142,7 +142,7 @@ def unit_range(image):
     is_float = (isinstance(image, torch.Tensor) and image.is_floating_point()) or (
         isinstance(image, np.ndarray) and np.issubdtype(image.dtype, np.floating)
     )
-    if is_float and image.min() < 0 and image.min() >= -1 and image.max() <= 1:
+    if is_float and -1 <= image.min() < 0 and image.max() <= 1:
         return (image + 1) / 2
     return image
 
@@ -286,11 +286,9 @@ class EmmaPipeline(DiffusionPipeline):
             return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if kwargs.get("variant") is not None:
-            raise ValueError(
-                f"variant={kwargs['variant']!r} is not supported: an EMMA export holds one set of weights"
-            )
-        kwargs.pop("variant", None)
+        variant = kwargs.pop("variant", None)
+        if variant is not None:
+            raise ValueError(f"variant={variant!r} is not supported: an EMMA export holds one set of weights")
         dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
         if isinstance(dtype, dict):
             # diffusers' per-component form; the model is the only component with weights.
@@ -600,8 +598,8 @@ class EmmaPipeline(DiffusionPipeline):
         for name, schedule, top in (("timesteps", timesteps, highest), ("sigmas", sigmas, 1.0)):
             if schedule is None:
                 continue
-            values = np.asarray(schedule.cpu() if isinstance(schedule, torch.Tensor) else schedule, dtype=object)
-            if values.ndim != 1 or len(values) == 0:
+            values = schedule.tolist() if isinstance(schedule, (torch.Tensor, np.ndarray)) else schedule
+            if not isinstance(values, (list, tuple)) or not values:
                 raise ValueError(f"`{name}` must be a non-empty list of numbers, got {schedule!r}")
             numbers = [as_python_number(value) for value in values]
             if not all(

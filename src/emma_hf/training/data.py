@@ -51,6 +51,8 @@ REQUIRED_FIELDS = {
     "edit": {"image": str, "instruction": str, "target": str},
 }
 IGNORE_INDEX = -100
+# The field that holds an image sample's text (understanding samples hold theirs in `messages`).
+TEXT_FIELDS = {"text_to_image": "prompt", "edit": "instruction"}
 # Token strings that the collator writes itself: typed in training text they would be read as structure.
 RESERVED_TEXT = (*EMMA_SPECIAL_TOKENS.values(), *CHAT_TOKENS)
 
@@ -134,7 +136,7 @@ class JsonlDataset(Dataset):
                     continue
                 if self.task == "understanding" and isinstance(record.get("messages"), list):
                     yield from message_texts(record["messages"])
-                text = record.get({"text_to_image": "prompt", "edit": "instruction"}.get(self.task))
+                text = record.get(TEXT_FIELDS.get(self.task))
                 if isinstance(text, str):
                     yield text
 
@@ -156,13 +158,8 @@ class JsonlDataset(Dataset):
                 raise DataError(
                     f"{where}: field {name!r} must be a {kind.__name__}, got {type(record[name]).__name__}"
                 )
-        texts = (
-            message_texts(record["messages"])
-            if self.task == "understanding"
-            else [record["prompt" if self.task == "text_to_image" else "instruction"]]
-        )
         try:
-            check_plain_text(texts, where)
+            check_plain_text(sample_texts(self.task, record), where)
         except ValueError as error:
             raise DataError(str(error)) from error
         sample = {"task": self.task, "where": where}
@@ -238,6 +235,11 @@ class TaskMixture(Dataset):
     def __getitem__(self, index: int) -> EmmaSample:
         task, position = self.schedule[index]
         return EmmaSample({**self.datasets[task][position], "index": index})
+
+
+def sample_texts(task: str, fields: Mapping) -> list[str]:
+    """The texts of a sample or JSONL record of `task` (both name their fields alike)."""
+    return message_texts(fields["messages"]) if task == "understanding" else [fields[TEXT_FIELDS[task]]]
 
 
 def check_plain_text(texts: Iterable[str], where: str) -> None:
@@ -361,20 +363,20 @@ class EmmaCollator:
             return sample
         draws = random.Random(self.dropout_seed * 1_000_003 + sample.get("index", 0))
         drop_text, drop_image = draws.random() < self.text_dropout, draws.random() < self.image_dropout
-        text_field = "prompt" if sample["task"] == "text_to_image" else "instruction"
+        text_field = TEXT_FIELDS[sample["task"]]
         sample = {**sample, text_field: "" if drop_text else sample[text_field]}
         if sample["task"] == "edit" and drop_image:
             sample = {**sample, "task": "text_to_image", "prompt": sample.pop("instruction"), "images": []}
         return sample
 
     def sample_segments(self, sample: dict) -> list[tuple[str, bool]]:
-        where = sample.get("where", f"sample {sample.get('index', '?')}")
+        # JsonlDataset checked its samples already; dict samples made in code are checked here.
+        check_plain_text(
+            sample_texts(sample["task"], sample), sample.get("where", f"sample {sample.get('index', '?')}")
+        )
         if sample["task"] == "understanding":
-            check_plain_text(message_texts(sample["messages"]), where)
             return self.conversation_segments(sample["messages"])
-        text = sample["prompt"] if sample["task"] == "text_to_image" else sample["instruction"]
-        check_plain_text([text], where)
-        return self.generation_segments(text, sample["task"] == "edit")
+        return self.generation_segments(sample[TEXT_FIELDS[sample["task"]]], sample["task"] == "edit")
 
     def conversation_segments(self, messages: list[dict]) -> list[tuple[str, bool]]:
         """The chat split into (text, is_label) pieces: the text of assistant turns is labelled, headers are not."""

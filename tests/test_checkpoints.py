@@ -153,3 +153,79 @@ def test_export_over_an_earlier_export_leaves_only_the_new_shards(tmp_path):
     assert set(root_index.values()) == {"model/model.safetensors"}
     assert_loads_as(tmp_path, second)
     assert_loads_as(tmp_path / "model", second)
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_export_refuses_a_folder_it_did_not_write_unless_told_to_overwrite(tmp_path):
+    model, processor = tiny_chat_model(seed=1)
+    folder = tmp_path / "project"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "notes.txt").write_text("mine")
+    (folder / "README.md").write_text("my project")
+    before = folder_bytes(folder)
+    with pytest.raises(ValueError, match="holds no EMMA export; pass overwrite=True"):
+        export_checkpoint(model, processor, folder)
+    assert folder_bytes(folder) == before
+
+    export_checkpoint(model, processor, folder, overwrite=True)
+    assert (folder / "README.md").read_text() != "my project"  # a file the export writes is replaced, as asked
+    assert (folder / "model" / "notes.txt").read_text() == "mine"
+    assert_loads_as(folder, model)
+    assert not [path.name for path in tmp_path.iterdir() if path.name != "project"]
+
+
+def test_re_export_keeps_what_it_did_not_write_and_replaces_what_it_did(tmp_path):
+    (first, processor), (second, _) = tiny_chat_model(seed=1), tiny_chat_model(seed=2)
+    folder = export_checkpoint(first, processor, tmp_path / "export", max_shard_size=SHARDED)
+    (folder / ".git").mkdir()
+    (folder / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (folder / "eval.txt").write_text("scores")
+    (folder / "model" / "eval.txt").write_text("model scores")
+    export_checkpoint(second, processor, folder)
+    assert (folder / "model" / "eval.txt").read_text() == "model scores"
+    assert (folder / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
+    assert (folder / "eval.txt").read_text() == "scores"
+    assert weight_files(folder / "model") == ["model.safetensors"]
+    assert_loads_as(folder, second)
+
+    export_checkpoint(first, processor, folder, remote_code=False)  # the other layout: no file of the first stays
+    assert not [name for name in ("processor", "model_index.json", "modeling_emma.py") if (folder / name).exists()]
+    assert [path.name for path in (folder / "model").iterdir()] == ["eval.txt"]
+    assert weight_files(folder) == ["model.safetensors"]
+    assert (folder / "eval.txt").read_text() == "scores"
+    assert_loads_as(folder, first)
+
+
+def test_export_never_writes_through_symlinks(tmp_path):
+    model, processor = tiny_chat_model(seed=1)
+    folder = export_checkpoint(model, processor, tmp_path / "export")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    for name in ("README.md", "model/config.json"):
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside)
+    export_checkpoint(model, processor, folder)
+    assert outside.read_text() == "keep me"
+    assert not (folder / "README.md").is_symlink() and not (folder / "model" / "config.json").is_symlink()
+    assert_loads_as(folder, model)
+
+
+def test_a_failed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    import emma_hf.hub
+
+    (first, processor), (second, _) = tiny_chat_model(seed=1), tiny_chat_model(seed=2)
+    folder = export_checkpoint(first, processor, tmp_path / "export")
+    before = folder_bytes(folder)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(emma_hf.hub, "write_pipeline_files", disk_full)  # after the weights are written
+    with pytest.raises(OSError, match="No space left"):
+        export_checkpoint(second, processor, folder)
+    assert folder_bytes(folder) == before
+    assert [path.name for path in tmp_path.iterdir()] == ["export"]
+    assert_loads_as(folder, first)

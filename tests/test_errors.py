@@ -330,9 +330,11 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
     "export-model-type": lambda tmp: export_checkpoint(torch.nn.Linear(2, 2), tiny_processor(), tmp / "out"),
     "export-card-field": lambda tmp: export_checkpoint(*tiny_chat_model(), tmp / "out", licence="mit"),
-    "export-other-layout": lambda tmp: export_checkpoint(
-        *tiny_chat_model(), export_checkpoint(*tiny_chat_model(), tmp / "plain", remote_code=False)
+    "export-foreign-folder": lambda tmp: export_checkpoint(
+        *tiny_chat_model(), write_text(tmp / "notes.txt", "").parent
     ),
+    "export-empty-path": lambda tmp: export_checkpoint(*tiny_chat_model(), ""),
+    "export-working-folder": lambda tmp: export_checkpoint(*tiny_chat_model(), "."),
     "export-into-file": lambda tmp: export_checkpoint(*tiny_chat_model(), write_text(tmp / "file", "")),
     # CLI
     "cli-steps": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--steps", "0"]),
@@ -340,6 +342,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "cli-guidance": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--guidance", "-1"]),
     "cli-eval-count": lambda tmp: main(["eval", "--questions", "-3"]),
     "cli-output-extension": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.txt")]),
+    "cli-convert-foreign-output": lambda tmp: main(
+        ["convert", "--llm", "q", "--vision", "s", "--vae", "d", "--output", str(write_text(tmp / "a.txt", "").parent)]
+    ),
     "cli-missing-image": lambda tmp: main(
         ["edit", str(tmp / "missing.png"), "make it blue", "-o", str(tmp / "x.png")]
     ),

@@ -28,9 +28,10 @@ def params(args: argparse.Namespace) -> None:
 def convert(args: argparse.Namespace) -> None:
     """Build EMMA from Qwen3 + SigLIP2 + DC-AE checkpoints and write it as an exported checkpoint."""
     from .convert import build_emma_from_components
-    from .hub import export_checkpoint
+    from .hub import check_save_directory, export_checkpoint
     from .processing_emma import EmmaImageProcessor
 
+    check_save_directory(args.output, args.overwrite)
     overrides = {}
     if args.num_shallow_layers is not None:
         overrides["num_shallow_layers"] = args.num_shallow_layers
@@ -41,7 +42,14 @@ def convert(args: argparse.Namespace) -> None:
         args.llm, args.vision, args.vae, image_processor, dtype=getattr(torch, args.dtype), **overrides
     )
     base_models = [str(source) for source in (args.llm, args.vision, args.vae)]
-    export_checkpoint(model, processor, args.output, max_shard_size=args.max_shard_size, base_model=base_models)
+    export_checkpoint(
+        model,
+        processor,
+        args.output,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        base_model=base_models,
+    )
     weights = {tensor.data_ptr(): tensor.nbytes for tensor in model.state_dict().values()}  # tied ones once
     weight_bytes = sum(weights.values())
     peak = peak_memory_bytes()
@@ -304,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert_parser.add_argument("--vision", required=True, help="SigLIP2 vision or full model folder or Hub id")
     convert_parser.add_argument("--vae", required=True, help="diffusers AutoencoderDC folder or Hub id")
     convert_parser.add_argument("--output", required=True, help="folder to write the exported checkpoint to")
+    convert_parser.add_argument(
+        "--overwrite", action="store_true", help="write into a non-empty folder that holds no EMMA export"
+    )
     convert_parser.add_argument("--num-shallow-layers", type=int, help="decoder layers sharing all but v_proj")
     convert_parser.add_argument("--vision-moe-layers", type=int, nargs="+", help="SigLIP2 layers given MoE MLPs")
     convert_parser.add_argument("--min-pixels", type=int, default=256 * 256, help="image processor's pixel floor")

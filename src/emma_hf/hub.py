@@ -12,6 +12,7 @@ Layout written by [`export_checkpoint`]:
     processor_config.json, tokenizer.json, tokenizer_config.json, chat_template.jinja
     README.md                               the model card, from `model_card.md`
     model_index.json                        diffusers' index of the pipeline's components
+    .emma_export.json                       the files this export wrote: a later export replaces those, keeps others
     model/                                  config.json, generation_config.json and the safetensors shards (with
                                             their own index when sharded): the pipeline's `model` component
     processor/, scheduler/                  the pipeline's other components
@@ -21,6 +22,7 @@ code, `auto_map` or `model_index.json`: a checkpoint for the installed package, 
 """
 
 import json
+import os
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -41,6 +43,19 @@ MODEL_SUBFOLDER = "model"
 PROCESSOR_SUBFOLDER = "processor"
 SCHEDULER_SUBFOLDER = "scheduler"
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.md")
+# Lists the files an export wrote: a later export replaces those and keeps everything else.
+EXPORT_MANIFEST = ".emma_export.json"
+# What exports from before the manifest wrote at the top level (either layout), recognised by name.
+LEGACY_EXPORT_FILES = (
+    "*.json",
+    "*.safetensors",
+    "*_emma.py",
+    "chat_template.jinja",
+    "README.md",
+    MODEL_SUBFOLDER,
+    PROCESSOR_SUBFOLDER,
+    SCHEDULER_SUBFOLDER,
+)
 # Files where `save_pretrained` records remote-code classes (`auto_map`) for classes registered with auto classes.
 AUTO_MAP_FILES = ("config.json", "processor_config.json", "tokenizer_config.json")
 # Keywords of `upload_export`, which `push_to_hub` passes on.
@@ -168,6 +183,7 @@ def export_checkpoint(
     remote_code: bool = True,
     repo_id: str | None = None,
     max_shard_size: int | str = "5GB",
+    overwrite: bool = False,
     **card_fields,
 ) -> Path:
     """
@@ -175,6 +191,10 @@ def export_checkpoint(
     path. `scheduler` is the pipeline's (default: flow-matching Euler with the model's shift settings);
     `remote_code=False` writes a folder for the installed `emma_hf` only. `card_fields` go into the model card:
     `license`, `base_model`, `model_name`, `intended_use`, `training`, `limitations` (see [`model_card`]).
+
+    The export is written beside the folder and swapped in whole, so a failed export leaves the previous one as it
+    was. An earlier EMMA export is replaced; files it did not write (a `.git`, notes) are kept. A non-empty folder
+    that is not an EMMA export is refused unless `overwrite=True`, which replaces only the files the export writes.
     """
     if not isinstance(model, EmmaForConditionalGeneration):
         raise TypeError(f"model must be an EmmaForConditionalGeneration, got {type(model).__name__}")
@@ -182,51 +202,123 @@ def export_checkpoint(
         raise TypeError(f"processor must be an EmmaProcessor, got {type(processor).__name__}")
     if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
         raise TypeError(f"scheduler must be a diffusers scheduler, got {type(scheduler).__name__}")
+    previous_export = check_save_directory(save_directory, overwrite)
     save_directory = Path(save_directory)
-    if save_directory.is_file():
-        raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
-    # The two layouts keep weights in different places: mixed, loaders would read the stale ones.
-    other_layout = (
-        sorted(path.name for path in save_directory.glob("*.safetensors"))
-        if remote_code
-        else [name for name in (MODEL_SUBFOLDER, "model_index.json") if (save_directory / name).exists()]
-    )
-    if other_layout:
-        raise ValueError(
-            f"save_directory {str(save_directory)!r} holds {other_layout} from a save in the other layout "
-            f"(remote_code={not remote_code}); export into an empty folder, or remove them first"
-        )
+    target = save_directory.resolve()
     sync_special_tokens(model, processor)
-    card = model_card(model, repo_id or save_directory.name, remote_code=remote_code, **card_fields)
+    card = model_card(model, repo_id or target.name, remote_code=remote_code, **card_fields)
     if scheduler is None:
         scheduler = FlowMatchEulerDiscreteScheduler(**model.config.flow_scheduler_config())
-    save_directory.mkdir(parents=True, exist_ok=True)
-    if remote_code:
-        write_model_files(model, save_directory, max_shard_size)
-        processor.save_pretrained(save_directory)
-        write_pipeline_files(processor, scheduler, save_directory)
-    else:
-        model.save_pretrained(save_directory, max_shard_size=max_shard_size)
-        processor.save_pretrained(save_directory)
-        scheduler.save_pretrained(save_directory / SCHEDULER_SUBFOLDER)
-        remove_remote_code(save_directory)
-    card.save(save_directory / "README.md")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.export-", dir=target.parent))
+    try:
+        if remote_code:
+            write_model_files(model, staging, max_shard_size)
+            processor.save_pretrained(staging)
+            write_pipeline_files(processor, scheduler, staging)
+        else:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+            processor.save_pretrained(staging)
+            scheduler.save_pretrained(staging / SCHEDULER_SUBFOLDER)
+            remove_remote_code(staging)
+        card.save(staging / "README.md")
+        written = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+        (staging / EXPORT_MANIFEST).write_text(json.dumps({"files": written}, indent=2) + "\n")
+        swap_in(staging, target, owned={*previous_export, *written, EXPORT_MANIFEST})
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
     return save_directory
+
+
+def check_save_directory(save_directory: str | os.PathLike, overwrite: bool = False) -> set[str]:
+    """
+    Check where [`export_checkpoint`] is to write (before any heavy work) and return the paths in it that an earlier
+    export wrote, which the new one replaces. A non-empty folder that no export wrote is refused unless `overwrite`.
+    Exports list their files in `EXPORT_MANIFEST`; a folder from before the manifest (or a plain `save_pretrained`
+    of an EMMA model) is recognised by its config.
+    """
+    if not isinstance(save_directory, (str, os.PathLike)) or not str(save_directory):
+        raise ValueError(f"save_directory must name a folder, got {save_directory!r}")
+    folder = Path(save_directory).resolve()
+    if folder.is_file():
+        raise ValueError(f"save_directory {str(save_directory)!r} is a file; pass a folder")
+    if folder in (Path.cwd(), *Path.cwd().parents):
+        raise ValueError(
+            f"save_directory {str(save_directory)!r} is the working folder or holds it; export into a subfolder"
+        )
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return set()
+    manifest = folder / EXPORT_MANIFEST
+    if manifest.is_file():
+        return set(json.loads(manifest.read_text())["files"])
+    config = folder / "config.json"
+    try:
+        is_emma = config.is_file() and json.loads(config.read_text()).get("model_type") == "emma"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        is_emma = False
+    if is_emma:
+        return {entry.name for entry in folder.iterdir() if any(entry.match(name) for name in LEGACY_EXPORT_FILES)}
+    if not overwrite:
+        found = sorted(entry.name for entry in folder.iterdir())
+        raise ValueError(
+            f"save_directory {str(save_directory)!r} is not empty ({found[:5]}{' ...' if len(found) > 5 else ''}) "
+            "and holds no EMMA export; pass overwrite=True (emma-hf: --overwrite) to write into it (files at the "
+            "paths the export writes are replaced, others kept), or export into a new folder"
+        )
+    return set()
+
+
+def swap_in(staging: Path, target: Path, owned: set[str]) -> None:
+    """
+    Put the finished export `staging` in place of `target`, moving over what `target` holds that no export wrote
+    (`owned`: paths relative to the folder). Renames only: on failure `target` is put back as it was.
+    """
+    if not target.exists():
+        staging.chmod(0o755)  # mkdtemp's private mode would stay on the renamed folder
+        staging.rename(target)
+        return
+    staging.chmod(target.stat().st_mode & 0o7777)
+    previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
+    previous.rmdir()
+    target.rename(previous)
+    moved = []
+    try:
+        for kept in entries_not_owned(previous, previous, owned):
+            destination = staging / kept.relative_to(previous)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            kept.rename(destination)
+            moved.append((kept, destination))
+        staging.rename(target)
+    except BaseException:
+        for kept, destination in reversed(moved):
+            destination.rename(kept)
+        previous.rename(target)
+        raise
+    shutil.rmtree(previous)
+
+
+def entries_not_owned(folder: Path, root: Path, owned: set[str]) -> list[Path]:
+    """The entries under `folder` that are neither in `owned` nor real folders holding something in it."""
+    entries = []
+    for entry in folder.iterdir():
+        path = entry.relative_to(root).as_posix()
+        if path in owned:
+            continue
+        if entry.is_dir() and not entry.is_symlink() and any(name.startswith(f"{path}/") for name in owned):
+            entries += entries_not_owned(entry, root, owned)
+        else:
+            entries.append(entry)
+    return entries
 
 
 def write_model_files(model: EmmaForConditionalGeneration, save_directory: Path, max_shard_size: int | str) -> None:
     """The weights under `model/`, its configs both there and at the root, and the remote code at the root."""
     model_directory = save_directory / MODEL_SUBFOLDER
-    # Saved aside, then swapped in whole: shards or an index left from an earlier export must not mix with these.
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=save_directory))
-    staging.chmod(0o755)  # mkdtemp's private mode would stay on the renamed folder
     # `save_pretrained` adds the registered auto class to the config's `auto_map` and writes it with these.
     model_class = f"{type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}"
     model.config.auto_map = {**(model.config.auto_map or {}), **dict.fromkeys(EXTRA_MODEL_AUTO_CLASSES, model_class)}
-    model.save_pretrained(staging, max_shard_size=max_shard_size)
-    if model_directory.exists():
-        shutil.rmtree(model_directory)
-    staging.rename(model_directory)
+    model.save_pretrained(model_directory, max_shard_size=max_shard_size)
     for name in ("config.json", "generation_config.json"):
         shutil.copyfile(model_directory / name, save_directory / name)
     for code_file in model_directory.glob("*.py"):
@@ -273,8 +365,6 @@ def write_pipeline_files(processor: EmmaProcessor, scheduler: SchedulerMixin, sa
         self_contained_source(package / "modeling_emma.py")
     )
     processor_directory = save_directory / PROCESSOR_SUBFOLDER
-    if processor_directory.exists():
-        shutil.rmtree(processor_directory)
     processor.save_pretrained(processor_directory)
     (processor_directory / "configuration_emma.py").unlink(missing_ok=True)
     (processor_directory / "processing_emma.py").write_text(self_contained_source(package / "processing_emma.py"))

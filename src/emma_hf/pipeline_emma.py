@@ -341,7 +341,8 @@ class EmmaPipeline(DiffusionPipeline):
             max_shard_size (`int` or `str`, *optional*): the largest weight shard, e.g. `"5GB"` (the default).
             push_to_hub (`bool`, defaults to `False`): then upload the folder to `repo_id` (default: the folder's
                 name), with `commit_message`, `private`, `token` and `create_pr` as in diffusers.
-            kwargs: those upload settings, and the model card's fields (`license`, `intended_use`, ...).
+            kwargs: those upload settings, `overwrite=True` to write into a non-empty folder that holds no EMMA
+                export, and the model card's fields (`license`, `intended_use`, ...).
         """
         if not safe_serialization:
             raise ValueError("safe_serialization=False is not supported: EMMA checkpoints are safetensors only")

@@ -229,3 +229,18 @@ def test_a_failed_re_export_leaves_the_previous_export_whole(tmp_path, monkeypat
     assert folder_bytes(folder) == before
     assert [path.name for path in tmp_path.iterdir()] == ["export"]
     assert_loads_as(folder, first)
+
+
+def test_strict_false_loads_a_damaged_checkpoint_as_transformers_does(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, processor = tiny_chat_model(seed=1)
+    folder = export_checkpoint(model, processor, tmp_path / "export")
+    weights = load_file(folder / "model" / "model.safetensors")
+    del weights["velocity_head.linear_1.weight"]
+    save_file(weights, folder / "model" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"1 missing .*velocity_head.linear_1.weight"):
+        EmmaForConditionalGeneration.from_pretrained(folder)
+    loaded, info = EmmaForConditionalGeneration.from_pretrained(folder, strict=False, output_loading_info=True)
+    assert set(info["missing_keys"]) == {"velocity_head.linear_1.weight"}
+    assert torch.equal(loaded.velocity_head.linear_2.weight, model.velocity_head.linear_2.weight)

@@ -128,12 +128,25 @@ def adapter_folder(folder: Path) -> Path:
     return folder / "adapter"
 
 
-def weights_folder(folder: Path, tensors: dict[str, torch.Tensor] | None = None, pickle: bool = False) -> Path:
-    """A saved tiny model, its weights replaced by `tensors` (safetensors) or by a pickle file."""
+def weights_folder(
+    folder: Path,
+    tensors: dict[str, torch.Tensor] | None = None,
+    pickle: bool = False,
+    without: tuple[str, ...] = (),
+    num_layers: int | None = None,
+) -> Path:
+    """
+    A saved tiny model, its weights replaced by `tensors` (safetensors, less the keys `without`) or by a pickle file,
+    its config giving the decoder `num_layers` layers where set.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     model().save_pretrained(folder)
     (folder / "model.safetensors").unlink()
-    state = {key: value.clone() for key, value in model().state_dict().items()}
+    if num_layers is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config["text_config"].update(num_hidden_layers=num_layers, layer_types=["full_attention"] * num_layers)
+        (folder / "config.json").write_text(json.dumps(config))
+    state = {key: value.clone() for key, value in model().state_dict().items() if key not in without}
     if pickle:
         torch.save(state, folder / "pytorch_model.bin")
     elif tensors is not None:
@@ -325,6 +338,24 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     ),
     "load-tensor-shape": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
         weights_folder(tmp / "wrong", {"velocity_head.linear_1.weight": torch.zeros(3, 3)})
+    ),
+    "load-missing-tensor": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "lacks", {}, without=("velocity_head.linear_1.weight",))
+    ),
+    "load-extra-tensor": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "extra", {"model.extra.weight": torch.zeros(2)})
+    ),
+    "load-integer-tensor": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "ints", {"velocity_head.linear_1.weight": torch.zeros(64, 64, dtype=torch.int32)})
+    ),
+    "load-more-layers": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "more", {}, num_layers=5)
+    ),
+    "load-fewer-layers": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        weights_folder(tmp / "fewer", {}, num_layers=3)
+    ),
+    "load-state-dict-missing": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        None, config=model().config, state_dict={"velocity_head.linear_1.bias": torch.zeros(64)}
     ),
     "load-truncated-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(truncated_weights(tmp / "cut")),
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),

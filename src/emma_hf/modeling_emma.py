@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -45,7 +45,13 @@ from transformers.models.siglip2.modeling_siglip2 import (
     Siglip2MLP,
     Siglip2VisionEmbeddings,
 )
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, ModelOutput, cached_file, can_return_tuple
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    ModelOutput,
+    cached_file,
+    can_return_tuple,
+)
 
 from .configuration_emma import EmmaConfig
 
@@ -718,6 +724,58 @@ def weights_subfolder(source: str, hub_kwargs: dict) -> str:
     return folders.pop() if len(folders) == 1 else ""
 
 
+def stored_weight_dtypes(source: str, hub_kwargs: dict) -> dict[str, torch.dtype | str]:
+    """The safetensors dtype of every stored weight ('F32', 'I32', ...), read from the files' headers alone."""
+    location = {key: hub_kwargs[key] for key in (*HUB_KWARGS, "subfolder") if key in hub_kwargs}
+    found = {}
+    for name in (SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME):
+        path = cached_file(source, name, **location, _raise_exceptions_for_missing_entries=False)
+        if path is None:
+            continue
+        if name == SAFE_WEIGHTS_INDEX_NAME:
+            with open(path) as file:
+                shards = sorted(set(json.load(file)["weight_map"].values()))
+            files = [os.path.join(os.path.dirname(path), shard) for shard in shards]
+        else:
+            files = [path]
+        for weights_file in files:
+            with safe_open(weights_file, framework="pt") as weights:
+                found.update({key: weights.get_slice(key).get_dtype() for key in weights.keys()})
+        break
+    return found
+
+
+def check_loaded_weights(
+    source: str, model: "EmmaPreTrainedModel", loading_info: dict, stored_dtypes: dict[str, torch.dtype | str]
+) -> None:
+    """
+    Raise where loading left the model other than the stored weights describe: tensors it expects and the weights
+    lack (they would be randomly initialised), stored tensors it has no place for, integers stored for its floats.
+    """
+    state = model.state_dict()
+    prefix = f"{model.base_model_prefix}."
+    integers = []
+    for key, dtype in stored_dtypes.items():
+        loaded = state.get(key, state.get(key.removeprefix(prefix)))
+        stored_is_float = dtype.is_floating_point if isinstance(dtype, torch.dtype) else dtype.startswith(("F", "BF"))
+        if loaded is not None and loaded.is_floating_point() and not stored_is_float:
+            integers.append(f"{key} ({dtype})")
+    problems = {
+        "missing (would be randomly initialised)": sorted(loading_info["missing_keys"]),
+        "not in the model (would be dropped)": sorted(loading_info["unexpected_keys"]),
+        "stored as integers where the model holds floating point": sorted(integers),
+    }
+    found = [
+        f"{len(keys)} {kind}: {keys[:6]}{' ...' if len(keys) > 6 else ''}" for kind, keys in problems.items() if keys
+    ]
+    if found:
+        raise ValueError(
+            f"{source}: the weights do not fit the model its config describes; {'; '.join(found)}. The weights and "
+            "config.json come from different models (other layer counts or sizes) or the checkpoint is damaged; "
+            "pass strict=False to load anyway, as transformers does, with its load report"
+        )
+
+
 class EmmaPreTrainedModel(PreTrainedModel):
     config: EmmaConfig
     config_class = EmmaConfig
@@ -781,18 +839,43 @@ class EmmaPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *args, use_safetensors: bool | None = None, **kwargs
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args,
+        use_safetensors: bool | None = None,
+        strict: bool = True,
+        **kwargs,
     ):
         """
         `PreTrainedModel.from_pretrained`, reading weights from safetensors only unless `use_safetensors=False`: a
         pickle checkpoint (`pytorch_model.bin`) can run code while it is read, so opening one is the caller's explicit
-        choice. Missing, damaged and wrong-shaped weights raise errors that name the folder and the tensors.
-        `from_pretrained(None, config=config, state_dict=weights)` builds the model from weights in memory.
+        choice. Missing, extra, integer-for-float, damaged and wrong-shaped weights raise errors that name the folder
+        and the tensors (a config over weights of another model: other layer counts, sizes); `strict=False` loads
+        such weights anyway, as transformers does, with its load report. `from_pretrained(None, config=config,
+        state_dict=weights)` builds the model from weights in memory.
         """
+        if not strict:
+            return super().from_pretrained(
+                pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, **kwargs
+            )
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        model, loading_info = cls.load_checked(
+            pretrained_model_name_or_path, *args, use_safetensors=use_safetensors, **kwargs
+        )
+        return (model, loading_info) if wants_loading_info else model
+
+    @classmethod
+    def load_checked(cls, pretrained_model_name_or_path: str | os.PathLike | None, *args, use_safetensors, **kwargs):
+        """`from_pretrained` with its loading info, raising where the stored weights do not fill the model exactly."""
         if pretrained_model_name_or_path is None:
             if kwargs.get("config") is None or kwargs.get("state_dict") is None:
                 raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=, or pass a folder")
-            return super().from_pretrained(None, *args, use_safetensors=use_safetensors, **kwargs)
+            loaded = super().from_pretrained(
+                None, *args, use_safetensors=use_safetensors, output_loading_info=True, **kwargs
+            )
+            stored_dtypes = {key: tensor.dtype for key, tensor in kwargs["state_dict"].items()}
+            check_loaded_weights("the state_dict", *loaded, stored_dtypes)
+            return loaded
         source = os.fspath(pretrained_model_name_or_path)
         looks_like_a_path = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
         if looks_like_a_path and not os.path.isdir(source):
@@ -802,7 +885,9 @@ class EmmaPreTrainedModel(PreTrainedModel):
             # resolves some index paths (disk offload) from the shards' folder, so load from where the shards are.
             kwargs["subfolder"] = weights_subfolder(source, kwargs)
         try:
-            return super().from_pretrained(source, *args, use_safetensors=use_safetensors is not False, **kwargs)
+            loaded = super().from_pretrained(
+                source, *args, use_safetensors=use_safetensors is not False, output_loading_info=True, **kwargs
+            )
         except SafetensorError as error:
             raise OSError(
                 f"{source!r}: a safetensors weights file is damaged or truncated ({error}); save or download it again"
@@ -833,6 +918,8 @@ class EmmaPreTrainedModel(PreTrainedModel):
                 f"{source!r} holds tensors whose shapes do not match its config: {'; '.join(shapes)}. The weights "
                 "and config.json come from different models; pass ignore_mismatched_sizes=True to re-initialise these"
             ) from error
+        check_loaded_weights(repr(source), *loaded, stored_weight_dtypes(source, kwargs))
+        return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """

@@ -359,6 +359,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     ),
     "load-truncated-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(truncated_weights(tmp / "cut")),
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
+    "pipeline-reentrant-call": lambda tmp: pipe()(
+        "a red circle", height=32, width=32, num_inference_steps=1, callback_on_step_end=call_pipeline_again
+    ),
     "export-model-type": lambda tmp: export_checkpoint(torch.nn.Linear(2, 2), tiny_processor(), tmp / "out"),
     "export-card-field": lambda tmp: export_checkpoint(*tiny_chat_model(), tmp / "out", licence="mit"),
     "export-foreign-folder": lambda tmp: export_checkpoint(
@@ -396,6 +399,11 @@ def scene_file(folder: Path) -> Path:
 def llama_folder(folder: Path) -> Path:
     LlamaConfig().save_pretrained(folder)
     return folder
+
+
+def call_pipeline_again(pipeline: EmmaPipeline, step: int, timestep, tensors: dict) -> dict:
+    pipeline("again", height=32, width=32, num_inference_steps=1)
+    return tensors
 
 
 def truncated_weights(folder: Path) -> Path:

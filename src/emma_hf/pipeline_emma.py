@@ -9,11 +9,14 @@ This file imports no sibling module, so it loads as diffusers remote code next t
 """
 
 import contextlib
+import functools
 import importlib
 import inspect
 import math
 import os
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -222,6 +225,40 @@ def check_components(model, processor) -> None:
         )
 
 
+# One lock per pipeline, kept outside the instance so that pipelines still copy and pickle.
+CALL_LOCKS: "weakref.WeakKeyDictionary[DiffusionPipeline, threading.Lock]" = weakref.WeakKeyDictionary()
+CALL_LOCKS_GUARD = threading.Lock()
+RUNNING_IN_THIS_THREAD = threading.local()
+
+
+def one_call_at_a_time(call: Callable) -> Callable:
+    """
+    Run a pipeline's calls one after another: a call keeps its state on the pipeline (guidance scales, the
+    scheduler's timesteps and step index), as diffusers' pipelines and callbacks expect, so a call from another
+    thread waits for the running one instead of corrupting it. Calling the pipeline from inside its own call (a
+    callback) is refused.
+    """
+
+    @functools.wraps(call)
+    def serialised(pipeline, *args, **kwargs):
+        running = RUNNING_IN_THIS_THREAD.__dict__.setdefault("pipelines", set())
+        if id(pipeline) in running:
+            raise RuntimeError(
+                f"{type(pipeline).__name__} was called from inside its own call (from a callback?); a call's state "
+                "lives on the pipeline, so build a second pipeline with from_model(pipe.model, pipe.processor)"
+            )
+        with CALL_LOCKS_GUARD:
+            lock = CALL_LOCKS.setdefault(pipeline, threading.Lock())
+        with lock:
+            running.add(id(pipeline))
+            try:
+                return call(pipeline, *args, **kwargs)
+            finally:
+                running.discard(id(pipeline))
+
+    return serialised
+
+
 class EmmaPipeline(DiffusionPipeline):
     r"""
     Text-to-image (`image=None`) and instruction editing (`image=...`) with EMMA.
@@ -233,6 +270,10 @@ class EmmaPipeline(DiffusionPipeline):
 
     Build it around a chat model with [`from_model`] (no copy of any weight), or load an exported folder with
     `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`.
+
+    Threads: a call keeps its state on the pipeline (as diffusers' callbacks expect), so calls from several threads
+    run one after another; for parallel calls give each thread its own `from_model(pipe.model, pipe.processor)`,
+    which shares the weights.
 
     LoRA: adapters trained with PEFT on the model load with [`load_lora_weights`], which hands them to the model's
     transformers PEFT integration (`model.load_adapter`). diffusers' own LoRA loaders convert and inject weights
@@ -758,6 +799,7 @@ class EmmaPipeline(DiffusionPipeline):
         )
 
     @torch.no_grad()
+    @one_call_at_a_time
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,

@@ -6,6 +6,7 @@ never from deep inside torch or a file decoder. `pytest -k errors` runs them.
 
 import functools
 import json
+import os
 import random
 import re
 import traceback
@@ -98,6 +99,20 @@ def write_jsonl(folder: Path, *records) -> Path:
     path = folder / "data.jsonl"
     path.write_text("".join((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records))
     return path
+
+
+def bytes_line(folder: Path, line: bytes) -> Path:
+    """A JSONL file of one line written as raw bytes (the toy dataset's images beside it)."""
+    path = write_jsonl(folder)
+    path.write_bytes(line + b"\n")
+    return path
+
+
+def fifo(path: Path) -> Path:
+    """A named pipe at `path`; returns its grandparent folder (the dataset root, for `write_jsonl`)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path.parents[1]
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -297,9 +312,63 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "data-image-count": lambda tmp: read_first(
         write_jsonl(
             tmp,
-            {"images": ["images/red.png"], "messages": [{"role": "user", "content": [{"type": "image"}] * 2}]},
+            {
+                "images": ["images/red.png"],
+                "messages": [
+                    {"role": "user", "content": [{"type": "image"}] * 2},
+                    {"role": "assistant", "content": "red"},
+                ],
+            },
         ),
         "understanding",
+    ),
+    "data-not-utf8": lambda tmp: read_first(
+        bytes_line(tmp, b'{"prompt": "caf\xe9", "image": "images/red.png"}'), "text_to_image"
+    ),
+    "data-message-not-object": lambda tmp: read_first(
+        write_jsonl(tmp, {"images": [], "messages": ["hello", {"role": "assistant", "content": "hi"}]}),
+        "understanding",
+    ),
+    "data-message-role": lambda tmp: read_first(
+        write_jsonl(tmp, {"images": [], "messages": [{"content": "hello"}, {"role": "assistant", "content": "hi"}]}),
+        "understanding",
+    ),
+    "data-content-object": lambda tmp: read_first(
+        write_jsonl(
+            tmp,
+            {
+                "images": [],
+                "messages": [{"role": "user", "content": {"text": "hello"}}, {"role": "assistant", "content": "hi"}],
+            },
+        ),
+        "understanding",
+    ),
+    "data-content-item": lambda tmp: read_first(
+        write_jsonl(
+            tmp,
+            {
+                "images": [],
+                "messages": [{"role": "user", "content": [{"text": 5}]}, {"role": "assistant", "content": "hi"}],
+            },
+        ),
+        "understanding",
+    ),
+    "data-image-path-type": lambda tmp: read_first(
+        write_jsonl(
+            tmp,
+            {
+                "images": [5],
+                "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "hi"}],
+            },
+        ),
+        "understanding",
+    ),
+    "data-no-answer": lambda tmp: read_first(
+        write_jsonl(tmp, {"images": [], "messages": [{"role": "user", "content": "hello"}]}), "understanding"
+    ),
+    "data-fifo-image": lambda tmp: read_first(
+        write_jsonl(fifo(tmp / "images" / "pipe.png"), {"prompt": "a pipe", "image": "images/pipe.png"}),
+        "text_to_image",
     ),
     "data-special-token-in-text": lambda tmp: read_first(
         write_jsonl(tmp, {"prompt": "a red square <|image_pad|>", "image": "images/red.png"}), "text_to_image"

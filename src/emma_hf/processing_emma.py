@@ -8,6 +8,8 @@ image placeholder to that many tokens inside a Qwen3 chat.
 import math
 import os
 import re
+import time
+import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Sequence
@@ -64,6 +66,9 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+# Image URLs: the whole download must finish within this many seconds and hold at most this many bytes.
+IMAGE_DOWNLOAD_TIMEOUT = 30.0
+IMAGE_DOWNLOAD_MAX_BYTES = 64 * 2**20
 VALID_IMAGE_TYPES = "a PIL image, a numpy array, a torch tensor, a file path or an http(s) URL"
 # Words as `EmmaProcessor.known_words` counts them: runs of letters and digits, lower-cased.
 WORD_PATTERN = re.compile(r"[^\W_]+")
@@ -76,6 +81,17 @@ class UnknownWordsWarning(UserWarning):
 def words_of(text: str) -> list[str]:
     """The words of `text`, lower-cased, in order."""
     return WORD_PATTERN.findall(text.lower())
+
+
+def check_unicode(text: str, where: str) -> None:
+    """Refuse text that no tokenizer can encode: lone surrogates (halves of UTF-16 pairs, e.g. from bad JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where} holds {text[error.start : error.end]!r} at position {error.start}, which is not valid Unicode "
+            "text (a lone UTF-16 surrogate); fix the text's encoding"
+        ) from None
 
 
 def message_texts(conversation: list) -> list[str]:
@@ -125,25 +141,43 @@ def fit_to_token_grid(height: int, width: int, patch_size: int, min_pixels: int,
 
 
 def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """Any PIL mode to RGB: transparency over white, 16-bit greyscale scaled to 8 bits, the rest by PIL."""
+    """
+    Any PIL mode to RGB: transparency over white, 16-bit greyscale (`I;16`, and `I` holding 16-bit levels) scaled to
+    8 bits, float greyscale (`F`) read as levels in [0, 1] like float arrays, the rest by PIL.
+    """
     if image.mode == "RGB":
         return image
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    if image.mode == "F":
+        return array_to_pil(np.asarray(image))
     if image.mode.startswith("I;16") or image.mode == "I":
-        levels = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0)
-        image = PIL.Image.fromarray(np.clip(np.round(levels), 0, 255).astype(np.uint8))
+        levels = np.asarray(image, dtype=np.float64)
+        if image.mode == "I" and (levels.min() < 0 or levels.max() > 65535):
+            raise ValueError(
+                f"mode 'I' images are read as 16-bit levels in [0, 65535]; got values in [{levels.min():.0f}, "
+                f"{levels.max():.0f}]: convert the image to 'L' or 'RGB' first"
+            )
+        image = PIL.Image.fromarray(np.clip(np.round(levels * (255.0 / 65535.0)), 0, 255).astype(np.uint8))
     return image.convert("RGB")
 
 
-def array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
-    """`(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1, 3, 4; uint8, uint16 or float in [0, 1]."""
-    if array.ndim == 3 and channels_first and array.shape[0] in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)
-    elif array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)
+def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    """
+    `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in 1, 3, 4, told apart by which side can be the channels (a shape
+    where both can is refused); uint8, uint16 or float in [0, 1].
+    """
+    if array.ndim == 3:
+        first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
+        if first and last:
+            raise ValueError(
+                f"an image array of shape {tuple(array.shape)} is ambiguous: its first and last sides both look like "
+                "channels; pass a PIL image, or an array with height and width other than 1, 3 and 4"
+            )
+        if first:
+            array = np.moveaxis(array, 0, -1)
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise ValueError(
             f"image arrays must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3 or 4; got shape {array.shape}"
@@ -168,24 +202,67 @@ def array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
     return to_rgb(PIL.Image.fromarray(np.ascontiguousarray(levels)))
 
 
-def open_image(source: str | os.PathLike) -> PIL.Image.Image:
-    """Open a file path or an http(s) URL, upright as its EXIF orientation says."""
-    source = os.fspath(source)
+def download_image(url: str) -> bytes:
+    """
+    The bytes at an image URL, within `IMAGE_DOWNLOAD_TIMEOUT` seconds for the whole transfer (a silent or trickling
+    server cannot hold the caller) and `IMAGE_DOWNLOAD_MAX_BYTES`. transformers' `load_image` is not used: its
+    timeout bounds each read rather than the download, it has no size limit, and it flattens transparency to black.
+    """
+    deadline = time.monotonic() + IMAGE_DOWNLOAD_TIMEOUT
+    chunks, size = [], 0
     try:
-        if source.startswith(("http://", "https://")):
-            with urllib.request.urlopen(source) as response:
-                image = PIL.Image.open(BytesIO(response.read()))
-        elif not os.path.isfile(source):
-            raise FileNotFoundError(f"image file not found: {source!r}")
-        else:
-            image = PIL.Image.open(source)
-        image.load()
+        with urllib.request.urlopen(url, timeout=IMAGE_DOWNLOAD_TIMEOUT) as response:
+            while chunk := response.read1(1 << 16):
+                size += len(chunk)
+                if size > IMAGE_DOWNLOAD_MAX_BYTES:
+                    raise ValueError(f"{url!r} holds more than {IMAGE_DOWNLOAD_MAX_BYTES} bytes, the image size limit")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+                chunks.append(chunk)
+    except TimeoutError as error:
+        raise TimeoutError(
+            f"downloading {url!r} took longer than {IMAGE_DOWNLOAD_TIMEOUT} s; download it yourself and pass the file"
+        ) from error
+    except urllib.error.URLError as error:
+        if isinstance(error.reason, TimeoutError):
+            raise TimeoutError(f"{url!r} did not answer within {IMAGE_DOWNLOAD_TIMEOUT} s") from error
+        raise
+    return b"".join(chunks)
+
+
+def open_image(source: str | os.PathLike) -> PIL.Image.Image:
+    """Open an image file or an http(s) URL, upright as its EXIF orientation says."""
+    source = os.fspath(source)
+    if source.startswith(("http://", "https://")):
+        data = BytesIO(download_image(source))
+    elif not os.path.exists(source):
+        raise FileNotFoundError(f"image file not found: {source!r}")
+    elif not os.path.isfile(source):  # a FIFO or device would block the read
+        raise ValueError(f"{source!r} is not a regular file (a folder, FIFO or device); pass an image file")
+    else:
+        data = source
+    try:
+        image = PIL.Image.open(data)
+        try:
+            image.load()
+        except BaseException:
+            image.close()
+            raise
     except PIL.UnidentifiedImageError as error:
         raise ValueError(f"{source!r} is not an image file PIL can read") from error
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"{source!r} has too many pixels to decode safely: {error}") from error
     except OSError as error:
-        if isinstance(error, FileNotFoundError):
-            raise
         raise ValueError(f"{source!r} could not be read as an image: {error}") from error
+    return upright(image)
+
+
+def upright(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The image as its EXIF orientation says it is seen (files, PIL images and training data alike)."""
+    try:
+        image.load()
+    except ValueError as error:
+        raise ValueError(f"the PIL image cannot be read ({error}); pass an open image") from error
     return PIL.ImageOps.exif_transpose(image)
 
 
@@ -196,13 +273,11 @@ def load_rgb_image(image) -> PIL.Image.Image:
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError("images must not be empty; got a PIL image of size 0")
-        return to_rgb(image)
+        return to_rgb(upright(image))
     if isinstance(image, torch.Tensor):
-        return array_to_pil(
-            image.detach().cpu().float().numpy() if image.is_floating_point() else image.cpu().numpy(), True
-        )
+        return array_to_pil(image.detach().cpu().float().numpy() if image.is_floating_point() else image.cpu().numpy())
     if isinstance(image, np.ndarray):
-        return array_to_pil(image, channels_first=False)
+        return array_to_pil(image)
     raise TypeError(f"each image must be {VALID_IMAGE_TYPES}; got {type(image).__name__}")
 
 
@@ -440,7 +515,13 @@ class EmmaProcessor(ProcessorMixin):
         return text + GEN_START_TOKEN + VISION_START_TOKEN
 
     def validate_inputs(self, images=None, text=None, **kwargs) -> None:
-        """Count images as the image processor will (paths unopened, batch tensors split) against the placeholders."""
+        """
+        Text must be valid Unicode; count images as the image processor will (paths unopened, batch tensors split)
+        against the placeholders.
+        """
+        for sample in [text] if isinstance(text, str) else text if isinstance(text, list) else []:
+            if isinstance(sample, str):
+                check_unicode(sample, "text")
         if images is None:
             return super().validate_inputs(images=None, text=text, **kwargs)
         num_images = len(flatten_images(images))

@@ -37,8 +37,10 @@ from ..processing_emma import (
     VISION_START_TOKEN,
     EmmaProcessor,
     UnknownWordsWarning,
+    check_unicode,
     fit_to_token_grid,
     message_texts,
+    open_image,
 )
 
 
@@ -51,6 +53,7 @@ REQUIRED_FIELDS = {
     "edit": {"image": str, "instruction": str, "target": str},
 }
 IGNORE_INDEX = -100
+CHAT_ROLES = ("system", "user", "assistant")
 # The field that holds an image sample's text (understanding samples hold theirs in `messages`).
 TEXT_FIELDS = {"text_to_image": "prompt", "edit": "instruction"}
 # Token strings that the collator writes itself: typed in training text they would be read as structure.
@@ -146,7 +149,9 @@ class JsonlDataset(Dataset):
             file.seek(self.offsets[position])
             line = file.readline()
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise DataError(f"{where}: not UTF-8 text ({error.reason} at byte {error.start})") from error
         except json.JSONDecodeError as error:
             raise DataError(f"{where}: not valid JSON ({error.msg})") from error
         if not isinstance(record, dict):
@@ -159,6 +164,10 @@ class JsonlDataset(Dataset):
                     f"{where}: field {name!r} must be a {kind.__name__}, got {type(record[name]).__name__}"
                 )
         try:
+            if self.task == "understanding":
+                check_messages(record["messages"], where)
+                if not all(isinstance(path, str) for path in record["images"]):
+                    raise ValueError(f"{where}: 'images' must list image paths (strings), got {record['images']!r}")
             check_plain_text(sample_texts(self.task, record), where)
         except ValueError as error:
             raise DataError(str(error)) from error
@@ -169,9 +178,9 @@ class JsonlDataset(Dataset):
             count = sum(
                 1
                 for message in record["messages"]
-                if isinstance(message.get("content"), list)
+                if isinstance(message["content"], list)
                 for item in message["content"]
-                if item.get("type") == "image"
+                if item["type"] == "image"
             )
             if count != len(sample["images"]):
                 raise DataError(
@@ -186,14 +195,11 @@ class JsonlDataset(Dataset):
         return EmmaSample(sample)
 
     def open_image(self, relative_path: str, where: str) -> PIL.Image.Image:
-        path = self.path.parent / relative_path
+        """The image upright as its EXIF orientation says, opened as the processor opens paths."""
         try:
-            with PIL.Image.open(path) as image:
-                return image.copy()
-        except FileNotFoundError as error:
-            raise DataError(f"{where}: image file not found: {str(path)!r}") from error
-        except (PIL.UnidentifiedImageError, OSError) as error:
-            raise DataError(f"{where}: {str(path)!r} is not a readable image ({error})") from error
+            return open_image(self.path.parent / relative_path)
+        except (ValueError, OSError) as error:
+            raise DataError(f"{where}: {error}") from error
 
 
 class TaskMixture(Dataset):
@@ -242,9 +248,40 @@ def sample_texts(task: str, fields: Mapping) -> list[str]:
     return message_texts(fields["messages"]) if task == "understanding" else [fields[TEXT_FIELDS[task]]]
 
 
+def check_messages(messages: list, where: str) -> None:
+    """An understanding sample's chat: turns of a known role whose content is text or a list of text/image items."""
+    if not messages:
+        raise ValueError(f"{where}: 'messages' is empty")
+    for number, message in enumerate(messages):
+        turn = f"{where}: messages[{number}]"
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+            raise ValueError(f"{turn} must be an object with a 'role' in {list(CHAT_ROLES)}, got {message!r}")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise ValueError(
+                f"{turn}: 'content' must be a string or a list of {{'type': 'text', 'text': ...}} and "
+                f"{{'type': 'image'}} items, got {type(content).__name__}"
+            )
+        for item in content:
+            is_text = isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str)
+            if not is_text and not (isinstance(item, dict) and item.get("type") == "image"):
+                raise ValueError(
+                    f"{turn}: content items must be {{'type': 'text', 'text': <string>}} or {{'type': 'image'}}, "
+                    f"got {item!r}"
+                )
+    if not any(message["role"] == "assistant" for message in messages):
+        raise ValueError(f"{where}: the messages hold no assistant turn, so there is no answer to learn")
+
+
 def check_plain_text(texts: Iterable[str], where: str) -> None:
-    """Training text must not hold the tokens the collator writes: they would add placeholders or chat turns."""
+    """
+    Training text must be valid Unicode and must not hold the tokens the collator writes: they would add
+    placeholders or chat turns.
+    """
     for text in texts:
+        check_unicode(text, f"{where}: the text")
         reserved = [token for token in RESERVED_TEXT if token in text]
         if reserved:
             raise ValueError(
@@ -371,9 +408,10 @@ class EmmaCollator:
 
     def sample_segments(self, sample: dict) -> list[tuple[str, bool]]:
         # JsonlDataset checked its samples already; dict samples made in code are checked here.
-        check_plain_text(
-            sample_texts(sample["task"], sample), sample.get("where", f"sample {sample.get('index', '?')}")
-        )
+        where = sample.get("where", f"sample {sample.get('index', '?')}")
+        if sample["task"] == "understanding":
+            check_messages(sample["messages"], where)
+        check_plain_text(sample_texts(sample["task"], sample), where)
         if sample["task"] == "understanding":
             return self.conversation_segments(sample["messages"])
         return self.generation_segments(sample[TEXT_FIELDS[sample["task"]]], sample["task"] == "edit")

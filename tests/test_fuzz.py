@@ -119,7 +119,7 @@ def test_random_bytes_and_arrays_as_images_give_pixels_or_a_clear_error(tmp_path
         with pytest.raises(ValueError, match="fuzz"):
             image_processor(path)
     dtypes = [np.uint8, np.uint16, np.int32, np.float32, np.float64, np.bool_, np.complex64]
-    for trial in range(150):
+    for _ in range(150):
         shape = tuple(int(side) for side in rng.integers(0, 7, int(rng.integers(1, 5))))
         array = (rng.random(shape) * rng.choice([1, 2, 300])).astype(rng.choice(dtypes))
         try:

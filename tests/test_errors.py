@@ -35,7 +35,7 @@ from emma_hf.convert import (
 )
 from emma_hf.hub import export_checkpoint
 from emma_hf.shapes import random_scene, render
-from emma_hf.training import JsonlDataset, TrainConfig
+from emma_hf.training import JsonlDataset, TaskMixture, TrainConfig
 
 
 ERRORS_DOC = Path(__file__).parents[1] / "docs" / "errors.md"
@@ -268,6 +268,13 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "generate-image-missing": lambda tmp: model().generate(
         torch.cat([image_ids(4), image_ids(4)]), pixel_values=image(), vae_pixel_values=image(), max_new_tokens=2
     ),
+    "generate-nan-pixels": lambda tmp: model().generate(
+        image_ids(4), pixel_values=image() * float("nan"), vae_pixel_values=image(), max_new_tokens=2
+    ),
+    "generate-empty-mask-row": lambda tmp: model().generate(
+        torch.cat([image_ids(0), image_ids(0)]), attention_mask=torch.tensor([[1, 1], [0, 0]]), max_new_tokens=2
+    ),
+    "generate-float-ids": lambda tmp: model().generate(image_ids(0).float(), max_new_tokens=2),
     # Pipeline
     "pipeline-prompt-type": lambda tmp: draw(prompt=5),
     "pipeline-empty-prompt-list": lambda tmp: draw(prompt=[]),
@@ -280,6 +287,10 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "pipeline-latents-become-nan": lambda tmp: draw(
         callback_on_step_end=lambda pipeline, step, t, tensors: {"latents": tensors["latents"] * float("nan")}
     ),
+    "pipeline-meta-latents": lambda tmp: draw(latents=torch.zeros(1, 32, 2, 2, device="meta")),
+    "pipeline-renorm-type": lambda tmp: draw(guidance_renorm_min="0.5"),
+    "pipeline-interval-type": lambda tmp: draw(guidance_interval=("0.1", 0.9)),
+    "pipeline-prompt-surrogate": lambda tmp: draw(prompt="a red \ud800 circle"),
     "pipeline-negative-prompts": lambda tmp: draw(prompt=["a", "b"], negative_prompt=["c"]),
     "pipeline-source-images": lambda tmp: draw(prompt=["a", "b"], image=[noise_image(64, 64, 0)] * 3),
     "pipeline-source-sizes": lambda tmp: draw(
@@ -388,6 +399,15 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "train-yaml-python-tag": lambda tmp: TrainConfig.from_yaml(
         write_text(tmp / "train.yaml", "model: !!python/object/apply:os.system ['echo owned']\n")
     ),
+    "train-yaml-duplicate-key": lambda tmp: TrainConfig.from_yaml(
+        write_text(tmp / "train.yaml", "model: base\nstage: sft\nmodel: other\noutput_dir: run\ndata: {}\n")
+    ),
+    "train-nested-output-dir": lambda tmp: TrainConfig.from_yaml(
+        train_config(tmp, training={"output_dir": "elsewhere"})
+    ),
+    "mixture-nan-ratio": lambda tmp: toy_mixture(tmp, {"understanding": float("nan"), "text_to_image": 1}),
+    "mixture-inf-ratio": lambda tmp: toy_mixture(tmp, {"understanding": float("inf")}),
+    "mixture-tiny-ratio": lambda tmp: toy_mixture(tmp, {"understanding": 1e-9, "text_to_image": 1}),
     # Convert and loading
     "convert-not-qwen3": lambda tmp: build_emma_from_components(llama_folder(tmp / "llama"), tmp / "v", tmp / "vae"),
     "convert-pickle-only": lambda tmp: safetensors_files(component_folder(tmp, pickle=True), "model.safetensors"),
@@ -426,6 +446,14 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "load-state-dict-missing": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
         None, config=model().config, state_dict={"velocity_head.linear_1.bias": torch.zeros(64)}
     ),
+    "load-truncated-index": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        damaged_export(tmp, "model.safetensors.index.json")
+    ),
+    "load-truncated-tokenizer": lambda tmp: EmmaProcessor.from_pretrained(damaged_export(tmp, "tokenizer.json")),
+    "load-missing-processor-config": lambda tmp: EmmaProcessor.from_pretrained(
+        damaged_export(tmp, "processor_config.json", remove=True)
+    ),
+    "load-relative-typo": lambda tmp: EmmaForConditionalGeneration.from_pretrained("checkpoints/emma-typo"),
     "load-truncated-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(truncated_weights(tmp / "cut")),
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
     "pipeline-reentrant-call": lambda tmp: pipe()(
@@ -443,6 +471,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "cli-steps": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--steps", "0"]),
     "cli-height": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--height", "100"]),
     "cli-guidance": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--guidance", "-1"]),
+    "cli-seed-range": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.png"), "--seed", str(2**70)]),
     "cli-eval-count": lambda tmp: main(["eval", "--questions", "-3"]),
     "cli-output-extension": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.txt")]),
     "cli-convert-foreign-output": lambda tmp: main(
@@ -467,6 +496,29 @@ def scene_file(folder: Path) -> Path:
 
 def llama_folder(folder: Path) -> Path:
     LlamaConfig().save_pretrained(folder)
+    return folder
+
+
+def toy_mixture(folder: Path, ratios: dict[str, float]) -> TaskMixture:
+    write_toy_dataset(folder)
+    tasks = ("understanding", "text_to_image")
+    return TaskMixture({task: JsonlDataset(folder / f"{task}.jsonl", task) for task in tasks}, ratios)
+
+
+@functools.cache
+def exported(folder: Path) -> Path:
+    return export_checkpoint(*tiny_chat_model(), folder)
+
+
+def damaged_export(tmp: Path, name: str, remove: bool = False) -> Path:
+    """A copy of a tiny export with the file `name` cut short (or removed)."""
+    import shutil
+
+    folder = shutil.copytree(exported(tmp.parent / f"{tmp.name}-source"), tmp / "export")
+    if remove:
+        (folder / name).unlink()
+    else:
+        (folder / name).write_text((folder / name).read_text()[:20])
     return folder
 
 

@@ -208,6 +208,12 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def seed(text: str) -> int:
+    if not text.strip().isdigit() or int(text) >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**64), got {text!r}")
+    return int(text)
+
+
 def image_side(text: str) -> int:
     if not text.strip().isdigit() or int(text) < 1 or int(text) % 32:
         raise argparse.ArgumentTypeError(
@@ -277,7 +283,7 @@ def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> 
     parser.add_argument("--model", help="EMMA folder or Hub id (default: the shapes model shipped with emma_hf)")
     parser.add_argument("--lora", type=adapter_source, help="PEFT LoRA adapter folder or Hub id to apply to the model")
     if drawing:
-        parser.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+        parser.add_argument("--seed", type=seed, default=0, help="seed of the initial noise")
         parser.add_argument("--steps", type=positive_int, help=f"denoising steps {CHECKPOINT_DEFAULT.format(20)}")
         parser.add_argument(
             "--guidance", type=guidance_scale, help=f"text guidance scale (<= 1: off) {CHECKPOINT_DEFAULT.format(1.5)}"

@@ -2,7 +2,9 @@
 """Configuration of EMMA (arXiv 2512.04810): a Qwen3 decoder, a SigLIP2 encoder with MoE MLPs and a DC-AE."""
 
 import copy
+import json
 import math
+import os
 from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
@@ -169,6 +171,33 @@ SAMPLER_SETTINGS = {
     "guidance_scale": ("a number >= 0", is_non_negative_number),
     "image_guidance_scale": ("a number >= 0", is_non_negative_number),
 }
+
+
+def clearer_load_error(source: str, subfolder: str | None, error: Exception) -> Exception | None:
+    """
+    For an EMMA model or processor that failed to load: an error naming the damaged JSON files of a local folder, or
+    saying that a name that is no local folder was looked up on the Hub (a mistyped relative path); else None.
+    """
+    folder = os.path.join(source, subfolder or "")
+    if isinstance(error, json.JSONDecodeError) and os.path.isdir(folder):
+        damaged = []
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".json"):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as file:
+                        json.load(file)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    damaged.append(name)
+        return OSError(
+            f"{source!r}: {damaged or 'a file'} is not valid JSON (damaged or truncated: {error}); save or download "
+            "the checkpoint again"
+        )
+    if isinstance(error, OSError) and not os.path.isdir(source):
+        return OSError(
+            f"{source!r} is not a folder here (working folder {os.getcwd()!r}), so it was looked up as a Hub model id "
+            f"and that failed: {error}"
+        )
+    return None
 
 
 def check_sampler_defaults(defaults: dict) -> None:

@@ -23,6 +23,7 @@ code, `auto_map` or `model_index.json`: a checkpoint for the installed package, 
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -348,12 +349,14 @@ def without_auto_map(content: dict) -> dict:
 
 def self_contained_source(module_file: Path) -> str:
     """A remote-code module with `configuration_emma` inlined: diffusers fetches a component's file alone."""
-    relative_import = "from .configuration_emma import EmmaConfig\n"
     source = module_file.read_text()
-    if relative_import not in source:
-        raise RuntimeError(f"{module_file.name} no longer imports EmmaConfig as expected; update the export")
+    relative_import = re.search(r"^from \.configuration_emma import .+\n", source, flags=re.MULTILINE)
+    if relative_import is None:
+        raise RuntimeError(
+            f"{module_file.name} no longer imports from configuration_emma as expected; update the export"
+        )
     configuration = (module_file.parent / "configuration_emma.py").read_text()
-    return configuration + "\n\n" + source.replace(relative_import, "")
+    return configuration + "\n\n" + source.replace(relative_import.group(0), "")
 
 
 def write_pipeline_files(processor: EmmaProcessor, scheduler: SchedulerMixin, save_directory: Path) -> None:

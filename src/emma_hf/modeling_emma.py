@@ -53,7 +53,7 @@ from transformers.utils import (
     can_return_tuple,
 )
 
-from .configuration_emma import EmmaConfig
+from .configuration_emma import EmmaConfig, clearer_load_error
 
 
 ImageInput = torch.Tensor | Sequence[torch.Tensor]
@@ -249,8 +249,22 @@ def check_image_runs(input_ids: torch.Tensor, token_id: int, expected: list[int]
         )
 
 
+def check_prompt_inputs(attention_mask: torch.Tensor | None, images: dict[str, ImageInput | None]) -> None:
+    """A prompt's rows must attend to something, and its images hold finite values (NaN would give text anyway)."""
+    if attention_mask is not None:
+        empty_rows = (attention_mask == 0).all(dim=-1).nonzero().flatten().tolist()
+        if empty_rows:
+            raise ValueError(f"attention_mask masks every token of rows {empty_rows}; each row needs a token to read")
+    for name, value in images.items():
+        tensors = [value] if isinstance(value, torch.Tensor) else value or []
+        if any(isinstance(tensor, torch.Tensor) and not torch.isfinite(tensor).all() for tensor in tensors):
+            raise ValueError(f"{name} holds NaN or inf; images must hold finite values")
+
+
 def check_token_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
     """Ids outside the embedding table would fail deep inside torch; name the cause instead."""
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must be integer token ids (torch.long), got dtype {input_ids.dtype}")
     if input_ids.ndim != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be (batch, seq) with seq >= 1, got shape {tuple(input_ids.shape)}")
     low, high = (int(value) for value in torch.aminmax(input_ids))
@@ -880,19 +894,23 @@ class EmmaPreTrainedModel(PreTrainedModel):
         looks_like_a_path = os.path.isabs(source) or source.startswith(".") or source.count("/") > 1
         if looks_like_a_path and not os.path.isdir(source):
             raise OSError(f"no folder {source!r}; pass an exported EMMA folder or a Hub model id ('namespace/name')")
-        if not kwargs.get("subfolder"):  # Auto classes pass subfolder="" when the caller gave none
-            # An exported folder keeps its weights under `model/` and indexes them from the root; transformers
-            # resolves some index paths (disk offload) from the shards' folder, so load from where the shards are.
-            kwargs["subfolder"] = weights_subfolder(source, kwargs)
         try:
+            if not kwargs.get("subfolder"):  # Auto classes pass subfolder="" when the caller gave none
+                # An exported folder keeps its weights under `model/` and indexes them from the root; transformers
+                # resolves some index paths (disk offload) from the shards' folder, so load from where they are.
+                kwargs["subfolder"] = weights_subfolder(source, kwargs)
             loaded = super().from_pretrained(
                 source, *args, use_safetensors=use_safetensors is not False, output_loading_info=True, **kwargs
             )
+        except json.JSONDecodeError as error:
+            raise clearer_load_error(source, kwargs.get("subfolder"), error) from error
         except SafetensorError as error:
             raise OSError(
                 f"{source!r}: a safetensors weights file is damaged or truncated ({error}); save or download it again"
             ) from error
         except OSError as error:
+            if not os.path.isdir(source):
+                raise clearer_load_error(source, None, error) from error
             if use_safetensors is False or "safetensors" not in str(error):
                 raise
             folder = os.path.join(source, kwargs.get("subfolder") or "")
@@ -1155,9 +1173,11 @@ class EmmaModel(EmmaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         past_length = cache.get_seq_length() if cache is not None else 0
-        if input_ids is not None and past_length == 0:
-            # Prompts only: continuing from a cache, the ids are the model's own (no host sync per decoded token).
-            check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
+        if past_length == 0:
+            # Prompts only: continuing from a cache, the inputs are the model's own (no host sync per decoded token).
+            if input_ids is not None:
+                check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
+            check_prompt_inputs(attention_mask, {"pixel_values": pixel_values, "vae_pixel_values": vae_pixel_values})
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, seq = inputs_embeds.shape[:2]

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import math
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -44,6 +45,8 @@ EXAMPLE_DOC_STRING = """
         >>> edited = pipe("make the red circle green", image=image, generator=torch.Generator().manual_seed(0)).images[0]
         ```
 """
+# A character no tokenizer can encode (half of a UTF-16 pair, as broken JSON or Windows paths produce).
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # `save_pretrained(..., push_to_hub=True)` settings, as diffusers names them.
 HUB_UPLOAD_KEYWORDS = ("repo_id", "commit_message", "private", "token", "create_pr")
 # Sampler settings for checkpoints whose config names none (`EmmaConfig.image_sampler_defaults` overrides them).
@@ -204,6 +207,10 @@ def adapter_weights(source: str | os.PathLike, weight_name: str, **download) -> 
             raise FileNotFoundError(f"no LoRA weights file {weight_name!r} in {os.fspath(source)!r}")
         return load_file(local)
     return load_file(hf_hub_download(os.fspath(source), weight_name, **download))
+
+
+def is_finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_components(model, processor) -> None:
@@ -625,6 +632,10 @@ class EmmaPipeline(DiffusionPipeline):
                 raise TypeError(
                     f"`negative_prompt` must be a string or a list of strings, got {type(negative_prompt).__name__}"
                 )
+        negative_prompts = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt or []
+        for name, texts in (("prompt", prompts), ("negative_prompt", negative_prompts)):
+            if any(LONE_SURROGATE.search(text) for text in texts):
+                raise ValueError(f"`{name}` holds a lone UTF-16 surrogate, which is not valid Unicode text")
         if isinstance(image, (list, tuple)) and len(image) != len(prompts):
             raise ValueError(
                 f"`image` as a list must hold one source image per prompt ({len(prompts)}), got {len(image)}"
@@ -644,10 +655,7 @@ class EmmaPipeline(DiffusionPipeline):
             if not isinstance(values, (list, tuple)) or not values:
                 raise ValueError(f"`{name}` must be a non-empty list of numbers, got {schedule!r}")
             numbers = [as_python_number(value) for value in values]
-            if not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= top
-                for v in numbers
-            ):
+            if not all(is_finite_number(v) and 0 <= v <= top for v in numbers):
                 raise ValueError(f"`{name}` must hold finite numbers in [0, {top}], got {list(numbers)}")
         generators = generator if isinstance(generator, (list, tuple)) else [generator]
         if not all(g is None or isinstance(g, torch.Generator) for g in generators) or generators == []:
@@ -665,19 +673,22 @@ class EmmaPipeline(DiffusionPipeline):
         ):
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
         for name, value in (("guidance_scale", guidance_scale), ("image_guidance_scale", image_guidance_scale)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            if not is_finite_number(value) or value < 0:
                 raise ValueError(
                     f"`{name}` must be a finite number >= 0 (<= 1 switches that guidance off), got {value!r}"
                 )
         if guidance_interval is not None and not (
             isinstance(guidance_interval, (list, tuple))
             and len(guidance_interval) == 2
+            and all(is_finite_number(bound) for bound in guidance_interval)
             and 0 <= guidance_interval[0] < guidance_interval[1] <= 1
         ):
             raise ValueError(
                 f"`guidance_interval` must be (low, high) with 0 <= low < high <= 1 in noise level t, got {guidance_interval!r}"
             )
-        if guidance_renorm_min is not None and not 0 <= guidance_renorm_min <= 1:
+        if guidance_renorm_min is not None and not (
+            is_finite_number(guidance_renorm_min) and 0 <= guidance_renorm_min <= 1
+        ):
             raise ValueError(f"`guidance_renorm_min` must be in [0, 1] or None, got {guidance_renorm_min!r}")
         if (
             not isinstance(num_images_per_prompt, int)
@@ -690,6 +701,8 @@ class EmmaPipeline(DiffusionPipeline):
                 raise ValueError("`latents` must be a (batch, channels, height / 32, width / 32) tensor")
             if not latents.is_floating_point():
                 raise TypeError(f"`latents` must be a floating-point tensor, got {latents.dtype}")
+            if latents.device.type == "meta":
+                raise ValueError("`latents` must hold values: got a tensor on the meta device")
             if not torch.isfinite(latents).all():
                 raise ValueError("`latents` must be finite (no NaN or inf)")
         if output_type not in OUTPUT_TYPES:

@@ -5,6 +5,7 @@ one size, a multiple of 32 so that each 32x32 cell becomes one visual token, and
 image placeholder to that many tokens inside a Qwen3 chat.
 """
 
+import json
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
-from .configuration_emma import EmmaConfig
+from .configuration_emma import EmmaConfig, clearer_load_error
 
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -66,6 +67,7 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
 )
 
+PROCESSOR_CONFIG_NAME = "processor_config.json"
 # Image URLs: the whole download must finish within this many seconds and hold at most this many bytes.
 IMAGE_DOWNLOAD_TIMEOUT = 30.0
 IMAGE_DOWNLOAD_MAX_BYTES = 64 * 2**20
@@ -470,6 +472,24 @@ class EmmaProcessor(ProcessorMixin):
         self.image_token = IMAGE_TOKEN
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         super().__init__(image_processor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> "EmmaProcessor":
+        """`ProcessorMixin.from_pretrained`, with errors that name a missing or damaged file of a local folder."""
+        source = os.fspath(pretrained_model_name_or_path)
+        folder = os.path.join(source, kwargs.get("subfolder") or "")
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, PROCESSOR_CONFIG_NAME)):
+            raise OSError(
+                f"{source!r} has no {PROCESSOR_CONFIG_NAME} (the image processor's settings); it holds "
+                f"{sorted(os.listdir(folder))}: load a folder saved by EmmaProcessor.save_pretrained or an export"
+            )
+        try:
+            return super().from_pretrained(source, *args, **kwargs)
+        except (json.JSONDecodeError, OSError) as error:
+            clearer = clearer_load_error(source, kwargs.get("subfolder"), error)
+            if clearer is None:
+                raise
+            raise clearer from error
 
     @property
     def emma_token_ids(self) -> dict[str, int]:

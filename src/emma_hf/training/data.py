@@ -53,6 +53,8 @@ REQUIRED_FIELDS = {
     "edit": {"image": str, "instruction": str, "target": str},
 }
 IGNORE_INDEX = -100
+# Task ratios are mixed as fractions with denominators up to this.
+RATIO_RESOLUTION = 1000
 CHAT_ROLES = ("system", "user", "assistant")
 # The field that holds an image sample's text (understanding samples hold theirs in `messages`).
 TEXT_FIELDS = {"text_to_image": "prompt", "edit": "instruction"}
@@ -214,13 +216,22 @@ class TaskMixture(Dataset):
     ):
         ratios = {task: 1.0 for task in datasets} if ratios is None else {t: float(r) for t, r in ratios.items() if r}
         unknown = sorted(set(ratios) - set(datasets))
-        if unknown or not ratios or any(r < 0 for r in ratios.values()):
+        if unknown or not ratios or not all(0 < r < math.inf for r in ratios.values()):
             raise ValueError(
-                f"task ratios must be positive and name tasks with data ({sorted(datasets)}); got {ratios}"
-                + (f", no data for {unknown}" if unknown else "")
+                f"task ratios must be positive finite numbers and name tasks with data ({sorted(datasets)}); got "
+                f"{ratios}" + (f", no data for {unknown}" if unknown else "")
+            )
+        smallest = min(ratios.values()) / max(ratios.values())
+        if smallest < 1 / RATIO_RESOLUTION:
+            raise ValueError(
+                f"task ratios are mixed to 1/{RATIO_RESOLUTION}; got {ratios}, where the smallest is {smallest:.2g} "
+                "of the largest: raise it or leave that task out"
             )
         self.datasets = {task: datasets[task] for task in ratios}
-        fractions = {task: Fraction(ratio).limit_denominator(1000) for task, ratio in ratios.items()}
+        largest = max(ratios.values())
+        fractions = {
+            task: Fraction(ratio / largest).limit_denominator(RATIO_RESOLUTION) for task, ratio in ratios.items()
+        }
         shares = {task: fraction / sum(fractions.values()) for task, fraction in fractions.items()}
         if num_samples is None:
             num_samples = max(math.ceil(len(self.datasets[task]) / share) for task, share in shares.items())

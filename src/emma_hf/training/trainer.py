@@ -57,6 +57,23 @@ STAGING_FOLDER = ".checkpoint-staging"
 LOCK_NAME = ".emma-train.lock"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load`, refusing a key given twice in one mapping (plain YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # an unhashable key: the base class reports it
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class EmmaTrainer(Trainer):
     """
     A Trainer whose logs carry `ce_loss` and `fm_loss` (means since the last log, over all processes) and whose
@@ -155,7 +172,7 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {str(path)!r}")
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
         except yaml.YAMLError as error:
             # safe_load builds plain values only: a python/object tag is refused here, never run.
             raise ValueError(f"{path}: not a plain YAML mapping of settings ({error})") from error
@@ -226,6 +243,10 @@ class TrainConfig:
             raise TypeError(f"resume must be true, false or a checkpoint path, got {self.resume!r}")
         if not isinstance(self.training, dict):
             raise TypeError(f"training must map TrainingArguments fields to values, got {self.training!r}")
+        if "output_dir" in self.training:
+            raise ValueError(
+                "training.output_dir would be ignored: the run writes to the top-level output_dir; set it there only"
+            )
         known = {f.name for f in fields(TrainingArguments)}
         unknown = sorted(set(self.training) - known)
         if unknown:

@@ -244,3 +244,29 @@ def test_strict_false_loads_a_damaged_checkpoint_as_transformers_does(tmp_path):
     loaded, info = EmmaForConditionalGeneration.from_pretrained(folder, strict=False, output_loading_info=True)
     assert set(info["missing_keys"]) == {"velocity_head.linear_1.weight"}
     assert torch.equal(loaded.velocity_head.linear_2.weight, model.velocity_head.linear_2.weight)
+
+
+def test_a_full_disk_while_checkpointing_is_named_and_the_previous_checkpoint_kept(tmp_path, monkeypatch):
+    import collections
+    import errno
+
+    import transformers
+
+    import emma_hf.training.trainer
+
+    export_checkpoint(*tiny_chat_model(), tmp_path / "base")
+    write_toy_dataset(tmp_path / "data")
+    save_optimizer = transformers.Trainer._save_optimizer_and_scheduler
+    usage = collections.namedtuple("usage", "total used free")
+
+    def disk_fills_at_the_second_save(trainer, output_dir):
+        if trainer.state.global_step == 2:
+            monkeypatch.setattr(emma_hf.training.trainer.shutil, "disk_usage", lambda path: usage(10, 10, 0))
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1216 vs 1106")
+        save_optimizer(trainer, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_optimizer_and_scheduler", disk_fills_at_the_second_save)
+    with pytest.raises(OSError, match=r"is full \(0 MiB free\) while writing checkpoint-2") as caught:
+        run_training(TrainConfig.from_yaml(write_recipe(tmp_path)))
+    assert caught.value.errno == errno.ENOSPC and "resume: true" in str(caught.value)
+    assert get_last_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-1")

@@ -405,6 +405,7 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "train-nested-output-dir": lambda tmp: TrainConfig.from_yaml(
         train_config(tmp, training={"output_dir": "elsewhere"})
     ),
+    "train-disk-full": lambda tmp: train_on_a_full_disk(tmp),
     "mixture-nan-ratio": lambda tmp: toy_mixture(tmp, {"understanding": float("nan"), "text_to_image": 1}),
     "mixture-inf-ratio": lambda tmp: toy_mixture(tmp, {"understanding": float("inf")}),
     "mixture-tiny-ratio": lambda tmp: toy_mixture(tmp, {"understanding": 1e-9, "text_to_image": 1}),
@@ -497,6 +498,33 @@ def scene_file(folder: Path) -> Path:
 def llama_folder(folder: Path) -> Path:
     LlamaConfig().save_pretrained(folder)
     return folder
+
+
+def train_on_a_full_disk(tmp: Path) -> None:
+    """One training step whose checkpoint write fails as torch.save fails on a full disk."""
+    from unittest import mock
+
+    from transformers import Trainer
+
+    from emma_hf.training import run_training
+
+    export_checkpoint(*tiny_chat_model(), tmp / "base")
+    training = {
+        "max_steps": 1,
+        "save_steps": 1,
+        "per_device_train_batch_size": 2,
+        "use_cpu": True,
+        "report_to": "none",
+    }
+    config = TrainConfig.from_yaml(train_config(tmp, training=training))
+    full = mock.Mock(total=1, used=1, free=0)
+    with (
+        mock.patch.object(
+            Trainer, "_save_optimizer_and_scheduler", side_effect=RuntimeError("unexpected pos 64 vs 0")
+        ),
+        mock.patch("emma_hf.training.trainer.shutil.disk_usage", return_value=full),
+    ):
+        run_training(config)
 
 
 def toy_mixture(folder: Path, ratios: dict[str, float]) -> TaskMixture:

@@ -26,6 +26,7 @@ The config (YAML):
 """
 
 import contextlib
+import errno
 import os
 import shutil
 import warnings
@@ -55,6 +56,8 @@ from .stages import apply_stage, get_stage
 STAGING_FOLDER = ".checkpoint-staging"
 # Held in output_dir by the process training into it.
 LOCK_NAME = ".emma-train.lock"
+# A checkpoint write that fails with less free space than this is reported as a full disk.
+LOW_DISK_BYTES = 64 * 2**20
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -107,6 +110,16 @@ class EmmaTrainer(Trainer):
         self.saving_checkpoint = True
         try:
             super()._save_checkpoint(model, trial)
+        except (OSError, RuntimeError) as error:
+            # torch.save reports a full disk as "unexpected pos ..." or a failed write: say what happened.
+            free = shutil.disk_usage(run_dir).free
+            if getattr(error, "errno", None) == errno.ENOSPC or free < LOW_DISK_BYTES:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"the disk of {run_dir!r} is full ({free / 2**20:.0f} MiB free) while writing {name}: free space "
+                    f"and run again with resume: true (the previous checkpoint is whole); the write failed with: {error}",
+                ) from error
+            raise
         finally:
             self.saving_checkpoint = False
         self.accelerator.wait_for_everyone()

@@ -636,6 +636,12 @@ class EmmaPipeline(DiffusionPipeline):
         for name, texts in (("prompt", prompts), ("negative_prompt", negative_prompts)):
             if any(LONE_SURROGATE.search(text) for text in texts):
                 raise ValueError(f"`{name}` holds a lone UTF-16 surrogate, which is not valid Unicode text")
+            found = sorted({token for text in texts for token in self.processor.control_tokens_in(text)})
+            if found:
+                raise ValueError(
+                    f"`{name}` holds {found}, special tokens of EMMA's chat format: in a prompt they would forge chat "
+                    "turns or image slots; remove them"
+                )
         if isinstance(image, (list, tuple)) and len(image) != len(prompts):
             raise ValueError(
                 f"`image` as a list must hold one source image per prompt ({len(prompts)}), got {len(image)}"

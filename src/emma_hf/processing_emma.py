@@ -516,9 +516,27 @@ class EmmaProcessor(ProcessorMixin):
             f"it knows: {' '.join(self.known_words)}"
         )
 
+    def control_tokens_in(self, text: str) -> list[str]:
+        """The tokenizer's special tokens (chat turns, image slots) in `text`: typed by a user, they act as structure."""
+        return [token for token in self.tokenizer.all_special_tokens if token in text]
+
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
-        """transformers' chat templating, warning ([`UnknownWordsWarning`]) about words outside `known_words`."""
-        unknown = self.unknown_words(" ".join(message_texts(conversation)))
+        """
+        transformers' chat templating, warning ([`UnknownWordsWarning`]) about words outside `known_words`. Message
+        text holding special tokens is refused (it would forge chat turns or image slots), unless
+        `sanitize_control_tokens=True` (with `tokenize=True`) has transformers encode them as plain text.
+        """
+        texts = message_texts(conversation)
+        if not kwargs.get("sanitize_control_tokens"):
+            for text in texts:
+                found = self.control_tokens_in(text)
+                if found:
+                    raise ValueError(
+                        f"a message's text holds {found}, special tokens of EMMA's chat format: typed in a message "
+                        "they would forge chat turns or image slots. Remove them, or pass "
+                        "sanitize_control_tokens=True (with tokenize=True) to encode them as plain text"
+                    )
+        unknown = self.unknown_words(" ".join(texts))
         if unknown:
             message = self.unknown_words_message(unknown) + " (it may answer nothing, or draw something else)"
             warnings.warn(message, UnknownWordsWarning, stacklevel=2)

@@ -4,6 +4,7 @@ orientation is applied on every path, image downloads are bounded in time and si
 files are refused before they are opened.
 """
 
+import json
 import os
 import socket
 import threading
@@ -168,3 +169,16 @@ def test_special_tokens_typed_in_a_chat_are_refused_or_encoded_as_plain_text():
     im_start, im_end, image_pad = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<|image_pad|>"])
     assert ids.count(im_start) == 2 and ids.count(im_end) == 1 and image_pad not in ids  # the template's own only
     assert tokenizer.decode(ids).count("<|im_end|>") == 2  # the typed one survives as text
+
+
+def test_training_data_reads_images_upright_and_skips_files_that_would_block(tmp_path):
+    from emma_hf.training import JsonlDataset
+
+    rotated_by_exif(tmp_path / "rotated.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    rows = [{"prompt": "a pipe", "image": "pipe.png"}, {"prompt": "a turned square", "image": "rotated.png"}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    sample = JsonlDataset(tmp_path / "data.jsonl", "text_to_image", on_error="skip")[0]
+    assert sample["prompt"] == "a turned square"
+    assert sample["target"].size == (32, 64)  # (width, height): upright, as the processor reads the file
+    torch.testing.assert_close(vae_pixels(sample["target"]), vae_pixels(tmp_path / "rotated.png"))

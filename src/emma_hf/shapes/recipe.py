@@ -16,7 +16,6 @@ The steps one by one:
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -141,8 +140,6 @@ def ship(recipe_file: str | Path, destination: Path = SHIPPED_MODEL) -> Path:
     processor = AutoProcessor.from_pretrained(checkpoint)
     model = model.to(torch.bfloat16)
     model.config.image_sampler_defaults = json.loads(sampler.read_text())["image_sampler_defaults"]
-    if destination.exists():
-        shutil.rmtree(destination)
     export_checkpoint(
         model,
         processor,

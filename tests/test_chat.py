@@ -89,3 +89,17 @@ def test_generation_config_controls_length_stopping_and_sampling():
     draws = [model.generate(**inputs, generation_config=sampling)[0, prompt_length:].tolist() for _ in range(3)]
     assert torch.equal(first, again)
     assert any(draw != greedy[0, prompt_length:].tolist() for draw in draws)
+
+
+@pytest.mark.parametrize("drafts", ["prompt_lookup", "assistant_model"])
+def test_prompt_lookup_and_assisted_decoding_answer_as_greedy_decoding_does(drafts):
+    model, processor = tiny_chat_model(seed=1)
+    messages = conversations()[1]
+    inputs = chat_inputs(processor, messages)
+    settings = {"max_new_tokens": 8, "do_sample": False, "eos_token_id": None}
+    greedy = model.generate(**inputs, **settings)
+    # Prompt lookup copies the prompt's image placeholders into its drafts; a draft model drafts from the images.
+    extra = (
+        {"prompt_lookup_num_tokens": 3} if drafts == "prompt_lookup" else {"assistant_model": tiny_chat_model(1)[0]}
+    )
+    assert model.generate(**inputs, **settings, **extra).tolist() == greedy.tolist()

@@ -1321,6 +1321,33 @@ def sample_flow_timesteps(
     return shift * u / (1 + (shift - 1) * u)
 
 
+class TextDrafts:
+    """
+    A transformers candidate generator whose drafts end before the first image placeholder or image opening: a
+    drafted placeholder (prompt lookup copies the prompt's) would be read as an image slot in the pass that verifies
+    the draft together with the prompt. The model itself still writes any token it predicts.
+    """
+
+    def __init__(self, generator, stop_token_ids: list[int]):
+        self.generator = generator
+        self.stop_token_ids = torch.tensor(stop_token_ids)
+
+    def __getattr__(self, name: str):
+        if name == "generator":
+            raise AttributeError(name)
+        return getattr(self.generator, name)
+
+    def get_candidates(self, input_ids: torch.LongTensor, *args, **kwargs):
+        candidates, logits = self.generator.get_candidates(input_ids, *args, **kwargs)
+        drafted = candidates[:, input_ids.shape[1] :]
+        visual = torch.isin(drafted, self.stop_token_ids.to(drafted.device)).any(dim=0)
+        if visual.any():
+            kept = int(visual.int().argmax())
+            candidates = candidates[:, : input_ids.shape[1] + kept]
+            logits = None if logits is None else logits[:, :kept]
+        return candidates, logits
+
+
 class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
     """EMMA with `lm_head` (chat, understanding) and `velocity_head` (text-to-image, editing)."""
 
@@ -1557,11 +1584,24 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         return position_ids
 
     def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+        """
+        The images go with the pass that fills an empty cache: the prompt's, also where transformers does not flag it
+        as the first iteration (a draft model's prefill in assisted decoding); later passes read them from the cache.
+        """
         model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            for name in CONTEXT_IMAGE_INPUTS:
+        cache = kwargs.get(CACHE_NAME)
+        prefill = is_first_iteration or cache is None or cache.get_seq_length() == 0
+        for name in CONTEXT_IMAGE_INPUTS:
+            if prefill and name in kwargs:
+                model_inputs[name] = kwargs[name]
+            elif not prefill and kwargs.get("use_cache", True):
                 model_inputs.pop(name, None)
         return model_inputs
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """Drafts of assisted and prompt-lookup decoding, cut before any image token (see `TextDrafts`)."""
+        visual_ids = [self.config.image_token_id, self.config.gen_token_id, self.config.vision_start_token_id]
+        return TextDrafts(super()._get_candidate_generator(*args, **kwargs), visual_ids)
 
     def _expand_inputs_for_generation(
         self,

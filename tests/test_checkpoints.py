@@ -270,3 +270,28 @@ def test_a_full_disk_while_checkpointing_is_named_and_the_previous_checkpoint_ke
         run_training(TrainConfig.from_yaml(write_recipe(tmp_path)))
     assert caught.value.errno == errno.ENOSPC and "resume: true" in str(caught.value)
     assert get_last_checkpoint(tmp_path / "run") == str(tmp_path / "run" / "checkpoint-1")
+
+
+def test_an_export_loads_one_config_whichever_loader_reads_it(tmp_path):
+    model, processor = tiny_chat_model(seed=1)
+    folder = export_checkpoint(model, processor, tmp_path / "export")
+    config = json.loads((folder / "config.json").read_text())
+    config["image_sampler_defaults"] = {"num_inference_steps": 3}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config.json and model/config.json differ in \['image_sampler_defaults'\]"):
+        EmmaForConditionalGeneration.from_pretrained(folder)
+    with pytest.raises(ValueError, match="differ in"):
+        EmmaForConditionalGeneration.from_pretrained(folder, subfolder="model")  # as diffusers loads the component
+    (folder / "model" / "config.json").write_text(json.dumps(config))
+    assert EmmaForConditionalGeneration.from_pretrained(folder).config.image_sampler_defaults["num_inference_steps"] == 3
+
+
+def test_saving_one_part_into_an_export_is_refused(tmp_path):
+    model, processor = tiny_chat_model(seed=1)
+    folder = export_checkpoint(model, processor, tmp_path / "export")
+    before = folder_bytes(folder)
+    with pytest.raises(ValueError, match="is an exported EMMA checkpoint .* Export again instead"):
+        model.save_pretrained(folder)
+    with pytest.raises(ValueError, match="saving the processor alone"):
+        processor.save_pretrained(folder)
+    assert folder_bytes(folder) == before

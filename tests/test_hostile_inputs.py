@@ -98,13 +98,26 @@ def test_a_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
 
 
 class ImageServer(BaseHTTPRequestHandler):
-    """`/image` answers an image; `/trickle` one byte every 0.2 s; `/silent` never; `/big` more than allowed."""
+    """
+    `/image` answers an image; `/trickle` its body one byte every 0.2 s, `/slow-headers` its headers so; `/silent`
+    never; `/big` more than allowed; `/missing` 404.
+    """
 
     png = b""
 
     def do_GET(self):
         if self.path == "/silent":
             time.sleep(5)
+            return
+        if self.path == "/slow-headers":
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nX-Slow: ")
+            for _ in range(25):
+                self.wfile.write(b"a")
+                self.wfile.flush()
+                time.sleep(0.2)
+            return
+        if self.path == "/missing":
+            self.send_error(404)
             return
         self.send_response(200)
         self.end_headers()
@@ -140,6 +153,8 @@ def test_image_downloads_are_bounded_in_time_and_size(image_server, tmp_path):
     for path, error, message in (
         ("/silent", TimeoutError, "did not answer within 1.0 s|took longer than 1.0 s"),
         ("/trickle", TimeoutError, "took longer than 1.0 s"),
+        ("/slow-headers", TimeoutError, "took longer than 1.0 s"),
+        ("/missing", OSError, "could not download .*/missing.*404"),
         ("/big", ValueError, "more than 4096 bytes"),
     ):
         started = time.monotonic()

@@ -200,6 +200,19 @@ def clearer_load_error(source: str, subfolder: str | None, error: Exception) -> 
     return None
 
 
+def check_not_an_export(save_directory: str, what: str) -> None:
+    """
+    Saving one part into an exported folder would leave that part's copy for diffusers (`model/`, `processor/`)
+    stale, so a pipeline would load the old one: an export is replaced whole, by exporting again.
+    """
+    if os.path.isfile(os.path.join(save_directory, "model_index.json")):
+        raise ValueError(
+            f"{save_directory!r} is an exported EMMA checkpoint (it has model_index.json): saving {what} alone would "
+            "leave the copy in its subfolder, which diffusers loads, stale. Export again instead, with "
+            "emma_hf.hub.export_checkpoint(model, processor, folder) or pipe.save_pretrained(folder)"
+        )
+
+
 def check_sampler_defaults(defaults: dict) -> None:
     if not isinstance(defaults, dict):
         raise ValueError(f"image_sampler_defaults must be a dict or None, got {defaults!r}")

@@ -53,7 +53,7 @@ from transformers.utils import (
     can_return_tuple,
 )
 
-from .configuration_emma import EmmaConfig, clearer_load_error
+from .configuration_emma import EmmaConfig, check_not_an_export, clearer_load_error
 
 
 ImageInput = torch.Tensor | Sequence[torch.Tensor]
@@ -722,6 +722,41 @@ class EmmaLanguageModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_export_configs(source: str, hub_kwargs: dict) -> None:
+    """
+    An exported folder holds its config twice, at the root (read by transformers) and in `model/` (read by diffusers
+    as the pipeline's component): loading must not depend on which one a loader reads.
+    """
+    subfolder = hub_kwargs.get("subfolder")
+    if not subfolder:
+        return
+    location = {key: hub_kwargs[key] for key in HUB_KWARGS if key in hub_kwargs}
+    paths = [
+        cached_file(
+            source,
+            "config.json",
+            subfolder=folder,
+            **location,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
+        for folder in ("", subfolder)
+    ]
+    if None in paths:
+        return
+    configs = []
+    for path in paths:
+        with open(path, encoding="utf-8") as file:
+            configs.append(json.load(file))
+    root, inner = configs
+    differing = sorted(key for key in root.keys() | inner.keys() if root.get(key) != inner.get(key))
+    if differing:
+        raise ValueError(
+            f"{source!r}: config.json and {subfolder}/config.json differ in {differing}; an exported folder keeps "
+            "them identical (transformers reads the first, diffusers the second), so edit both alike or export again"
+        )
+
+
 def weights_subfolder(source: str, hub_kwargs: dict) -> str:
     """The one subfolder a checkpoint's root weight index points into (an exported EMMA folder's `model`), or ""."""
     index = cached_file(
@@ -899,6 +934,7 @@ class EmmaPreTrainedModel(PreTrainedModel):
                 # An exported folder keeps its weights under `model/` and indexes them from the root; transformers
                 # resolves some index paths (disk offload) from the shards' folder, so load from where they are.
                 kwargs["subfolder"] = weights_subfolder(source, kwargs)
+            check_export_configs(source, kwargs)
             loaded = super().from_pretrained(
                 source, *args, use_safetensors=use_safetensors is not False, output_loading_info=True, **kwargs
             )
@@ -946,6 +982,7 @@ class EmmaPreTrainedModel(PreTrainedModel):
         shards, or the reverse, would load the old weights), and a crash while writing leaves the earlier files whole.
         """
         save_directory = os.fspath(save_directory)
+        check_not_an_export(save_directory, "the model")
         os.makedirs(save_directory, exist_ok=True)
         if kwargs.get("push_to_hub"):
             kwargs.setdefault("repo_id", os.path.basename(os.path.abspath(save_directory)))

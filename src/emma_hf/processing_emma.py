@@ -9,7 +9,7 @@ import json
 import math
 import os
 import re
-import time
+import threading
 import urllib.error
 import urllib.request
 import warnings
@@ -26,7 +26,7 @@ from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 
-from .configuration_emma import EmmaConfig, clearer_load_error
+from .configuration_emma import EmmaConfig, check_not_an_export, clearer_load_error
 
 
 IMAGE_TOKEN = "<|image_pad|>"
@@ -206,11 +206,33 @@ def array_to_pil(array: np.ndarray) -> PIL.Image.Image:
 
 def download_image(url: str) -> bytes:
     """
-    The bytes at an image URL, within `IMAGE_DOWNLOAD_TIMEOUT` seconds for the whole transfer (a silent or trickling
-    server cannot hold the caller) and `IMAGE_DOWNLOAD_MAX_BYTES`. transformers' `load_image` is not used: its
-    timeout bounds each read rather than the download, it has no size limit, and it flattens transparency to black.
+    The bytes at an image URL, within `IMAGE_DOWNLOAD_TIMEOUT` seconds for the whole transfer, headers included (a
+    silent or trickling server cannot hold the caller: the transfer runs in a daemon thread that is left behind), and
+    `IMAGE_DOWNLOAD_MAX_BYTES`. transformers' `load_image` is not used: its timeout bounds each read rather than the
+    download, it has no size limit, and it flattens transparency to black.
     """
-    deadline = time.monotonic() + IMAGE_DOWNLOAD_TIMEOUT
+    outcome = {}
+
+    def fetch() -> None:
+        try:
+            outcome["data"] = read_url(url)
+        except BaseException as error:  # handed to the caller's thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=fetch, name=f"emma_hf download {url}", daemon=True)
+    worker.start()
+    worker.join(IMAGE_DOWNLOAD_TIMEOUT)
+    if worker.is_alive():
+        raise TimeoutError(
+            f"downloading {url!r} took longer than {IMAGE_DOWNLOAD_TIMEOUT} s; download it yourself and pass the file"
+        )
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
+def read_url(url: str) -> bytes:
+    """The body at `url`, at most `IMAGE_DOWNLOAD_MAX_BYTES`; errors name the URL."""
     chunks, size = [], 0
     try:
         with urllib.request.urlopen(url, timeout=IMAGE_DOWNLOAD_TIMEOUT) as response:
@@ -218,24 +240,18 @@ def download_image(url: str) -> bytes:
                 size += len(chunk)
                 if size > IMAGE_DOWNLOAD_MAX_BYTES:
                     raise ValueError(f"{url!r} holds more than {IMAGE_DOWNLOAD_MAX_BYTES} bytes, the image size limit")
-                if time.monotonic() > deadline:
-                    raise TimeoutError
                 chunks.append(chunk)
-    except TimeoutError as error:
-        raise TimeoutError(
-            f"downloading {url!r} took longer than {IMAGE_DOWNLOAD_TIMEOUT} s; download it yourself and pass the file"
-        ) from error
-    except urllib.error.URLError as error:
-        if isinstance(error.reason, TimeoutError):
+    except (urllib.error.URLError, OSError) as error:
+        if isinstance(error, TimeoutError) or isinstance(getattr(error, "reason", None), TimeoutError):
             raise TimeoutError(f"{url!r} did not answer within {IMAGE_DOWNLOAD_TIMEOUT} s") from error
-        raise
+        raise OSError(f"could not download {url!r}: {error}") from error
     return b"".join(chunks)
 
 
 def open_image(source: str | os.PathLike) -> PIL.Image.Image:
     """Open an image file or an http(s) URL, upright as its EXIF orientation says."""
     source = os.fspath(source)
-    if source.startswith(("http://", "https://")):
+    if source.lower().startswith(("http://", "https://")):
         data = BytesIO(download_image(source))
     elif not os.path.exists(source):
         raise FileNotFoundError(f"image file not found: {source!r}")
@@ -490,6 +506,11 @@ class EmmaProcessor(ProcessorMixin):
             if clearer is None:
                 raise
             raise clearer from error
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """`ProcessorMixin.save_pretrained`, refusing an exported folder (whose `processor/` copy would go stale)."""
+        check_not_an_export(os.fspath(save_directory), "the processor")
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @property
     def emma_token_ids(self) -> dict[str, int]:

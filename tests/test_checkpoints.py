@@ -283,7 +283,9 @@ def test_an_export_loads_one_config_whichever_loader_reads_it(tmp_path):
     with pytest.raises(ValueError, match="differ in"):
         EmmaForConditionalGeneration.from_pretrained(folder, subfolder="model")  # as diffusers loads the component
     (folder / "model" / "config.json").write_text(json.dumps(config))
-    assert EmmaForConditionalGeneration.from_pretrained(folder).config.image_sampler_defaults["num_inference_steps"] == 3
+    assert (
+        EmmaForConditionalGeneration.from_pretrained(folder).config.image_sampler_defaults["num_inference_steps"] == 3
+    )
 
 
 def test_saving_one_part_into_an_export_is_refused(tmp_path):

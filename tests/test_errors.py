@@ -410,6 +410,25 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
         train_config(tmp, training={"output_dir": "elsewhere"})
     ),
     "train-disk-full": lambda tmp: train_on_a_full_disk(tmp),
+    "train-number-as-text": lambda tmp: TrainConfig.from_yaml(
+        write_text(
+            tmp / "train.yaml",
+            train_config(tmp).read_text() + "training: {learning_rate: 1e-4}\n",
+        )
+    ),
+    "train-batch-size-zero": lambda tmp: TrainConfig.from_yaml(
+        train_config(tmp, training={"per_device_train_batch_size": 0})
+    ),
+    "train-lora-key": lambda tmp: TrainConfig.from_yaml(train_config(tmp, lora={"preset": "all", "rank": 8})),
+    "train-data-missing": lambda tmp: TrainConfig.from_yaml(train_config(tmp, data={"edit": "data/missing.jsonl"})),
+    "train-ratios-leave-out": lambda tmp: TrainConfig.from_yaml(
+        train_config(
+            tmp,
+            data={"edit": "data/edit.jsonl", "text_to_image": "data/text_to_image.jsonl"},
+            task_ratios={"edit": 1},
+        )
+    ),
+    "train-model-name": lambda tmp: TrainConfig.from_yaml(train_config(tmp, model="shapes-emma")),
     "mixture-nan-ratio": lambda tmp: toy_mixture(tmp, {"understanding": float("nan"), "text_to_image": 1}),
     "mixture-inf-ratio": lambda tmp: toy_mixture(tmp, {"understanding": float("inf")}),
     "mixture-tiny-ratio": lambda tmp: toy_mixture(tmp, {"understanding": 1e-9, "text_to_image": 1}),
@@ -459,6 +478,9 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
         damaged_export(tmp, "processor_config.json", remove=True)
     ),
     "load-relative-typo": lambda tmp: EmmaForConditionalGeneration.from_pretrained("checkpoints/emma-typo"),
+    "load-missing-shard": lambda tmp: EmmaForConditionalGeneration.from_pretrained(
+        damaged_export(tmp, "model/model.safetensors", remove=True)
+    ),
     "load-truncated-weights": lambda tmp: EmmaForConditionalGeneration.from_pretrained(truncated_weights(tmp / "cut")),
     "load-adapter-pickle": lambda tmp: tiny_model().load_adapter(str(pickle_adapter(tmp / "adapter"))),
     "pipeline-reentrant-call": lambda tmp: pipe()(
@@ -466,6 +488,10 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     ),
     "export-model-type": lambda tmp: export_checkpoint(torch.nn.Linear(2, 2), tiny_processor(), tmp / "out"),
     "export-card-field": lambda tmp: export_checkpoint(*tiny_chat_model(), tmp / "out", licence="mit"),
+    "export-damaged-manifest": lambda tmp: export_checkpoint(
+        *tiny_chat_model(), damaged_export(tmp, ".emma_export.json")
+    ),
+    "export-backbone": lambda tmp: export_checkpoint(tiny_model().model, tiny_processor(), tmp / "out"),
     "export-foreign-folder": lambda tmp: export_checkpoint(
         *tiny_chat_model(), write_text(tmp / "notes.txt", "").parent
     ),
@@ -481,6 +507,13 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "cli-output-extension": lambda tmp: main(["generate", "a red circle", "-o", str(tmp / "x.txt")]),
     "cli-convert-foreign-output": lambda tmp: main(
         ["convert", "--llm", "q", "--vision", "s", "--vae", "d", "--output", str(write_text(tmp / "a.txt", "").parent)]
+    ),
+    "cli-image-not-a-file": lambda tmp: main(["edit", str(tmp), "make it blue", "-o", str(tmp / "x.png")]),
+    "cli-output-folder": lambda tmp: main(
+        ["generate", "a red circle", "-o", str(write_text(tmp / "d.png" / "x", "").parent)]
+    ),
+    "cli-model-name": lambda tmp: main(
+        ["generate", "a red circle", "-o", str(tmp / "x.png"), "--model", "shapes-emma"]
     ),
     "cli-missing-image": lambda tmp: main(
         ["edit", str(tmp / "missing.png"), "make it blue", "-o", str(tmp / "x.png")]

@@ -116,7 +116,7 @@ def test_two_processes_match_one_over_the_same_global_batch(workspace):
     Tolerance: per-step losses within 1e-4 relative. The samples (text-to-image, same token counts) weigh the same in
     a per-process mean as in a batch mean; with samples of different lengths, DDP averages the processes' means.
     """
-    only_drawing = {"task_ratios": {"text_to_image": 1}, "num_samples": 12}
+    only_drawing = {"task_ratios": {"text_to_image": 1, "understanding": 0, "edit": 0}, "num_samples": 12}
     single = write_config(
         workspace,
         "single",
@@ -178,7 +178,18 @@ def test_lora_recipe_saves_an_adapter_the_pipeline_loads(workspace):
 
     training = {"max_steps": 3, "save_strategy": "no", "learning_rate": 1e-2, "activation_checkpointing": True}
     lora = {"preset": "generation", "r": 4, "lora_alpha": 8}
-    main(["train", write_config(workspace, "lora", training=training, lora=lora, task_ratios={"edit": 1})])
+    main(
+        [
+            "train",
+            write_config(
+                workspace,
+                "lora",
+                training=training,
+                lora=lora,
+                task_ratios={"edit": 1, "understanding": 0, "text_to_image": 0},
+            ),
+        ]
+    )
     adapter = workspace / "lora" / "final"
     assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
     pipe = EmmaPipeline.from_pretrained(workspace / "base")

@@ -244,9 +244,17 @@ def adapter_source(text: str) -> str:
     return text
 
 
+def model_source(text: str) -> str:
+    if os.path.isdir(text) or re.fullmatch(r"[\w.-]+/[\w.-]+", text) and not text.startswith("."):
+        return text
+    raise argparse.ArgumentTypeError(f"no folder {text!r} here; pass an EMMA folder or a Hub id ('namespace/name')")
+
+
 def existing_image_file(text: str) -> str:
-    if not os.path.isfile(text):
+    if not os.path.exists(text):
         raise argparse.ArgumentTypeError(f"image file not found: {text!r}")
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular file (a folder, FIFO or device)")
     return text
 
 
@@ -261,6 +269,8 @@ def image_output_file(text: str) -> str:
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder of {text!r} does not exist: {folder!r}")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; name the image file to write")
     return text
 
 
@@ -280,7 +290,9 @@ class HelpWithDefaults(argparse.HelpFormatter):
 
 
 def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> None:
-    parser.add_argument("--model", help="EMMA folder or Hub id (default: the shapes model shipped with emma_hf)")
+    parser.add_argument(
+        "--model", type=model_source, help="EMMA folder or Hub id (default: the shapes model shipped with emma_hf)"
+    )
     parser.add_argument("--lora", type=adapter_source, help="PEFT LoRA adapter folder or Hub id to apply to the model")
     if drawing:
         parser.add_argument("--seed", type=seed, default=0, help="seed of the initial noise")

@@ -198,7 +198,12 @@ def export_checkpoint(
     that is not an EMMA export is refused unless `overwrite=True`, which replaces only the files the export writes.
     """
     if not isinstance(model, EmmaForConditionalGeneration):
-        raise TypeError(f"model must be an EmmaForConditionalGeneration, got {type(model).__name__}")
+        hint = (
+            " (AutoModel gives the backbone; load with AutoModelForImageTextToText)"
+            if type(model).__name__ == "EmmaModel"
+            else ""
+        )
+        raise TypeError(f"model must be an EmmaForConditionalGeneration, got {type(model).__name__}{hint}")
     if not isinstance(processor, EmmaProcessor):
         raise TypeError(f"processor must be an EmmaProcessor, got {type(processor).__name__}")
     if scheduler is not None and not isinstance(scheduler, SchedulerMixin):
@@ -252,7 +257,16 @@ def check_save_directory(save_directory: str | os.PathLike, overwrite: bool = Fa
         return set()
     manifest = folder / EXPORT_MANIFEST
     if manifest.is_file():
-        return set(json.loads(manifest.read_text())["files"])
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+                raise TypeError(files)
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(
+                f"{str(manifest)!r}, the list of files an earlier export wrote, is damaged ({error!r}); delete it "
+                "and pass overwrite=True to export over the folder"
+            ) from error
+        return set(files)
     config = folder / "config.json"
     try:
         is_emma = config.is_file() and json.loads(config.read_text()).get("model_type") == "emma"
@@ -280,20 +294,27 @@ def swap_in(staging: Path, target: Path, owned: set[str]) -> None:
         staging.rename(target)
         return
     staging.chmod(target.stat().st_mode & 0o7777)
+    kept = entries_not_owned(target, target, owned)
+    collisions = [str(entry) for entry in kept if (staging / entry.relative_to(target)).exists()]
+    if collisions:
+        raise ValueError(
+            f"{collisions} stand where the export writes (a file or link where it writes a folder, or the reverse); "
+            "move them away and export again"
+        )
     previous = Path(tempfile.mkdtemp(prefix=f".{target.name}.previous-", dir=target.parent))
     previous.rmdir()
     target.rename(previous)
     moved = []
     try:
-        for kept in entries_not_owned(previous, previous, owned):
-            destination = staging / kept.relative_to(previous)
+        for entry in kept:
+            source, destination = previous / entry.relative_to(target), staging / entry.relative_to(target)
             destination.parent.mkdir(parents=True, exist_ok=True)
-            kept.rename(destination)
-            moved.append((kept, destination))
+            source.rename(destination)
+            moved.append((source, destination))
         staging.rename(target)
     except BaseException:
-        for kept, destination in reversed(moved):
-            destination.rename(kept)
+        for source, destination in reversed(moved):
+            destination.rename(source)
         previous.rename(target)
         raise
     shutil.rmtree(previous)

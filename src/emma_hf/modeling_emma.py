@@ -722,6 +722,16 @@ class EmmaLanguageModel(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def missing_shards(folder: str) -> list[str]:
+    """The weight files that `folder`'s safetensors index lists and the folder lacks."""
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if not os.path.isfile(index):
+        return []
+    with open(index, encoding="utf-8") as file:
+        shards = sorted(set(json.load(file).get("weight_map", {}).values()))
+    return [shard for shard in shards if not os.path.isfile(os.path.join(folder, shard))]
+
+
 def check_export_configs(source: str, hub_kwargs: dict) -> None:
     """
     An exported folder holds its config twice, at the root (read by transformers) and in `model/` (read by diffusers
@@ -950,6 +960,12 @@ class EmmaPreTrainedModel(PreTrainedModel):
             if use_safetensors is False or "safetensors" not in str(error):
                 raise
             folder = os.path.join(source, kwargs.get("subfolder") or "")
+            missing = missing_shards(folder) or missing_shards(source)
+            if missing:
+                raise OSError(
+                    f"{source!r}: the weight files {missing} that its index lists are missing; save or download the "
+                    "checkpoint again"
+                ) from error
             pickles = (
                 sorted(name for name in os.listdir(folder) if name.endswith(".bin")) if os.path.isdir(folder) else []
             )

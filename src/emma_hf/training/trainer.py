@@ -29,12 +29,15 @@ import contextlib
 import errno
 import os
 import shutil
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
+from peft import LoraConfig
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -205,11 +208,16 @@ class TrainConfig:
             raise type(error)(f"{path}: {error}") from error
         base = path.parent
         config.data = {task: os.path.normpath(base / file) for task, file in config.data.items()}
+        for task, file in config.data.items():
+            if not os.path.isfile(file):
+                raise FileNotFoundError(
+                    f"{path}: {task} data file not found: {file!r} (data paths are relative to the config file)"
+                )
         config.output_dir = os.path.normpath(base / config.output_dir)
         model = base / Path(config.model).expanduser()
         if model.exists():
             config.model = os.path.normpath(model)
-        elif config.model.startswith((".", "/", "~")) or config.model.count("/") > 1:
+        elif config.model.startswith((".", "/", "~")) or config.model.count("/") != 1:
             raise FileNotFoundError(
                 f"{path}: model folder not found: {str(model.resolve())!r} (`model: {config.model}` is relative to the config "
                 "file); point it at an exported EMMA folder or a Hub id"
@@ -232,6 +240,15 @@ class TrainConfig:
             and all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.task_ratios.values())
         ):
             raise TypeError(f"task_ratios must map task names to numbers, got {self.task_ratios!r}")
+        if self.task_ratios is not None:
+            unknown = sorted(set(self.task_ratios) - set(self.data))
+            left_out = sorted(set(self.data) - set(self.task_ratios))
+            if unknown or left_out:
+                raise ValueError(
+                    f"task_ratios must give a ratio to each task of `data` ({sorted(self.data)}) and no other; "
+                    + (f"{unknown} have no data" if unknown else f"{left_out} would be left out silently")
+                    + " (a ratio of 0 leaves a task out on purpose)"
+                )
         if self.max_context_pixels is not None and (
             not isinstance(self.max_context_pixels, int)
             or isinstance(self.max_context_pixels, bool)
@@ -267,6 +284,45 @@ class TrainConfig:
                 f"training has keys that are not transformers.TrainingArguments fields: {unknown} "
                 "(see the TrainingArguments documentation for the allowed names)"
             )
+        check_training_arguments(self.training)
+        if self.lora is not None:
+            allowed = {f.name for f in fields(LoraConfig)} - {"target_modules", "task_type"}
+            unknown = sorted(set(self.lora) - allowed - {"preset"})
+            if unknown:
+                raise ValueError(f"lora has keys that are not peft.LoraConfig fields: {unknown}")
+
+
+# TrainingArguments fields that count things, which must be at least 1.
+POSITIVE_TRAINING_COUNTS = ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps")
+
+
+def check_training_arguments(training: dict) -> None:
+    """
+    The values of `training` have the plain types (bool, int, float, str) that `TrainingArguments` declares for them,
+    and counts are at least 1: checked before the model loads.
+    """
+    hints = typing.get_type_hints(TrainingArguments)
+    for name, value in training.items():
+        declared = hints.get(name)
+        union = typing.get_origin(declared) in (typing.Union, types.UnionType)
+        kinds = [kind for kind in (typing.get_args(declared) if union else (declared,)) if kind is not type(None)]
+        if value is None or not kinds or not all(kind in (bool, int, float, str) for kind in kinds):
+            continue
+        if not has_kind(value, kinds):
+            hint = " (YAML reads 1e-4 as text: write 1.0e-4)" if isinstance(value, str) else ""
+            raise TypeError(f"training.{name} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}{hint}")
+    for name in POSITIVE_TRAINING_COUNTS:
+        if name in training and has_kind(training[name], [int]) and training[name] < 1:
+            raise ValueError(f"training.{name} must be at least 1, got {training[name]}")
+
+
+def has_kind(value, kinds: list[type]) -> bool:
+    """`value` is one of `kinds`, an int counting as a float and a bool as neither."""
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    return isinstance(value, tuple(kinds))
 
 
 def build_trainer(config: TrainConfig) -> EmmaTrainer:

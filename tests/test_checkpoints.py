@@ -297,3 +297,16 @@ def test_saving_one_part_into_an_export_is_refused(tmp_path):
     with pytest.raises(ValueError, match="saving the processor alone"):
         processor.save_pretrained(folder)
     assert folder_bytes(folder) == before
+
+
+def test_a_link_where_the_export_writes_a_folder_is_refused_and_nothing_moves(tmp_path):
+    model, processor = tiny_chat_model(seed=1)
+    folder = export_checkpoint(model, processor, tmp_path / "export")
+    elsewhere = tmp_path / "elsewhere"
+    (folder / "processor").rename(elsewhere)
+    (folder / "processor").symlink_to(elsewhere, target_is_directory=True)
+    before = folder_bytes(folder)
+    with pytest.raises(ValueError, match=r"export/processor'\] stand where the export writes"):
+        export_checkpoint(model, processor, folder)
+    assert folder_bytes(folder) == before and (folder / "processor").is_symlink()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["elsewhere", "export"]

@@ -21,9 +21,9 @@ from emma_hf.shipped import shipped_model_path
 
 
 # Fixed sample: 20 questions, 10 prompts, 10 edits drawn with a seed training never used (training used seed 0).
-# Measured on it (2-core CPU, float32, `evaluate`'s default sampler): 0.917, 0.80 and 0.40.
+# Measured on it (2-core CPU, float32, the checkpoint's sampler defaults): 1.00, 0.80 and 0.70.
 SAMPLE = {"seed": 4321, "num_questions": 20, "num_prompts": 10, "num_edits": 10}
-LOWER_BOUNDS = {"understanding": 0.85, "text_to_image": 0.7, "edit": 0.3}
+LOWER_BOUNDS = {"understanding": 0.9, "text_to_image": 0.7, "edit": 0.6}
 
 
 @pytest.fixture(scope="module")

@@ -276,7 +276,7 @@ def image_output_file(text: str) -> str:
 
 # Sampler options left out take the checkpoint's settings (`EmmaConfig.image_sampler_defaults`).
 CHECKPOINT_DEFAULT = "(default: the checkpoint's; {} for the shipped model)"
-IMAGE_GUIDANCE_HELP = f"source-image guidance scale of edits (<= 1: off) {CHECKPOINT_DEFAULT.format(1.0)}"
+IMAGE_GUIDANCE_HELP = f"source-image guidance scale of edits (<= 1: off) {CHECKPOINT_DEFAULT.format(1.5)}"
 
 
 class HelpWithDefaults(argparse.HelpFormatter):
@@ -298,7 +298,7 @@ def add_model_options(parser: argparse.ArgumentParser, drawing: bool = True) -> 
         parser.add_argument("--seed", type=seed, default=0, help="seed of the initial noise")
         parser.add_argument("--steps", type=positive_int, help=f"denoising steps {CHECKPOINT_DEFAULT.format(20)}")
         parser.add_argument(
-            "--guidance", type=guidance_scale, help=f"text guidance scale (<= 1: off) {CHECKPOINT_DEFAULT.format(1.5)}"
+            "--guidance", type=guidance_scale, help=f"text guidance scale (<= 1: off) {CHECKPOINT_DEFAULT.format(3.0)}"
         )
 
 

@@ -188,7 +188,11 @@ class TrainConfig:
         if not path.is_file():
             raise FileNotFoundError(f"training config not found: {str(path)!r}")
         try:
-            raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
+            loader = UniqueKeyLoader(path.read_text())
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
         except yaml.YAMLError as error:
             # safe_load builds plain values only: a python/object tag is refused here, never run.
             raise ValueError(f"{path}: not a plain YAML mapping of settings ({error})") from error

@@ -68,6 +68,7 @@ CHAT_TEMPLATE = (
 )
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
+EXIF_ORIENTATION = 0x0112
 # Image URLs: the whole download must finish within this many seconds and hold at most this many bytes.
 IMAGE_DOWNLOAD_TIMEOUT = 30.0
 IMAGE_DOWNLOAD_MAX_BYTES = 64 * 2**20
@@ -281,17 +282,21 @@ def upright(image: PIL.Image.Image) -> PIL.Image.Image:
         image.load()
     except ValueError as error:
         raise ValueError(f"the PIL image cannot be read ({error}); pass an open image") from error
+    if image.getexif().get(EXIF_ORIENTATION, 1) == 1:
+        return image  # already upright: no copy
     return PIL.ImageOps.exif_transpose(image)
 
 
 def load_rgb_image(image) -> PIL.Image.Image:
     """One image of any accepted kind as an RGB PIL image."""
     if isinstance(image, (str, os.PathLike)):
-        image = open_image(image)
+        image = open_image(image)  # upright already
+    elif isinstance(image, PIL.Image.Image):
+        image = upright(image)
     if isinstance(image, PIL.Image.Image):
         if image.width == 0 or image.height == 0:
             raise ValueError("images must not be empty; got a PIL image of size 0")
-        return to_rgb(upright(image))
+        return to_rgb(image)
     if isinstance(image, torch.Tensor):
         return array_to_pil(image.detach().cpu().float().numpy() if image.is_floating_point() else image.cpu().numpy())
     if isinstance(image, np.ndarray):

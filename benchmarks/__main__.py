@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="--size real: an exported emma-4b folder (`emma-hf convert`)")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="bf16", help="--size real: how to load")
     parser.add_argument("--steps", nargs="+", choices=[*LOADS, *STEPS, *TRAINING_STEPS], help="--size real: steps")
-    parser.add_argument("--rows", nargs="+", choices=[str(n) for n in range(1, 10)], help="only these rows")
+    parser.add_argument("--rows", nargs="+", choices=[str(n) for n in range(1, 11)], help="only these rows")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)

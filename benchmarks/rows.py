@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import CompileConfig
 
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration
 from emma_hf.convert import qwen3_from_emma
@@ -64,6 +65,39 @@ def chat_decode(model, qwen, sizes: Sizes) -> Row:
         ratio,
         ">= 0.90",
         times,
+    )
+
+
+def compiled_decode(model, sizes: Sizes) -> Row:
+    """
+    Greedy new tokens per second with a static cache and the decode step compiled (inductor, `fullgraph=True`) vs
+    eager `generate` (dynamic cache), same model and prompt. On a GPU transformers compiles by itself; elsewhere
+    `CompileConfig._compile_all_devices` asks it to.
+    """
+    prompt = random_ids(32, 3)
+    settings = {"max_new_tokens": sizes.decode_tokens, "min_new_tokens": sizes.decode_tokens, "do_sample": False}
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    static = {"cache_implementation": "static", "compile_config": compile_config}
+    with torch.no_grad():
+        eager_tokens = model.generate(prompt, **settings)
+        compiled_tokens = model.generate(prompt, **settings, **static)
+        times = interleaved_medians(
+            {
+                "eager": lambda: model.generate(prompt, **settings),
+                "compiled": lambda: model.generate(prompt, **settings, **static),
+                "static eager": lambda: model.generate(prompt, **settings, cache_implementation="static"),
+            },
+            sizes.repeats,
+        )
+    ratio = times["eager"] / times["compiled"]
+    return Row(
+        "10 compiled decode",
+        f"static cache + compiled step tokens/s ÷ eager tokens/s, {sizes.decode_tokens} new tokens after 32; static "
+        f"cache alone {times['eager'] / times['static eager']:.2f}×, same tokens: "
+        f"{'yes' if torch.equal(eager_tokens, compiled_tokens) else 'no'}",
+        ratio,
+        details=times,
     )
 
 
@@ -349,6 +383,8 @@ def all_rows(sizes: Sizes, only: set[str] | None = None) -> list[Row]:
         if wanted("2"):
             rows.append(chat_decode(model, qwen, sizes))
         del qwen
+    # Measured while the model is at hand, listed last.
+    compiled = [compiled_decode(model, sizes)] if wanted("10") else []
     pipe = benchmark_pipeline(model, sizes.image_side)
     if wanted("3"):
         rows.append(denoising_step(pipe, sizes))
@@ -365,4 +401,4 @@ def all_rows(sizes: Sizes, only: set[str] | None = None) -> list[Row]:
         rows.append(training(sizes))
     if wanted("9"):
         rows += gpu_rows(sizes)
-    return rows
+    return rows + compiled

@@ -5,6 +5,7 @@ import json
 import torch
 
 from emma_hf import EmmaConfig, EmmaForConditionalGeneration
+from emma_hf.modeling_emma import unpack_images
 
 
 def tiny_config(**overrides) -> EmmaConfig:
@@ -154,3 +155,8 @@ def write_toy_dataset(folder, size: int = 64) -> dict:
         paths[task] = folder / f"{task}.jsonl"
         paths[task].write_text("".join(json.dumps(record) + "\n" for record in records))
     return paths
+
+
+def images_of(inputs, name: str = "vae_pixel_values", patch_size: int = 32) -> list[torch.Tensor]:
+    """A processor output's packed `name` as its `(3, H, W)` images."""
+    return unpack_images(inputs[name], inputs["image_grid_hw"], patch_size, name)

@@ -22,7 +22,7 @@ def test_smoke_run_prints_and_writes_every_row(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = json.loads(output.read_text())["rows"]
     numbers = {row["name"].split()[0] for row in rows}
-    assert numbers == {str(n) for n in range(1, 10)}
+    assert numbers == {str(n) for n in range(1, 11)}
     for row in rows:
         assert row["name"] in result.stdout
         if not row["name"].startswith("9 "):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from builders import noise_image, tiny_chat_model
+from builders import images_of, noise_image, tiny_chat_model
 from transformers import GenerationConfig, TextStreamer
 
 from emma_hf.modeling_emma import images_per_row
@@ -51,7 +51,7 @@ def test_every_returned_sequence_keeps_its_own_images():
     model_kwargs = {key: value for key, value in batch.items() if key != "input_ids"}
     ids, expanded = model._expand_inputs_for_generation(expand_size=2, input_ids=batch["input_ids"], **model_kwargs)
     assert images_per_row(ids, model.config) == [0, 0, 1, 1, 2, 2]
-    original = batch["vae_pixel_values"]
+    original = images_of(batch)
     order = [0, 0, 1, 2, 1, 2]
     assert all(torch.equal(a, original[i]) for a, i in zip(expanded["vae_pixel_values"], order))
     assert expanded["image_grid_hw"].tolist() == [batch["image_grid_hw"][i].tolist() for i in order]

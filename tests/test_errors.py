@@ -249,6 +249,15 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
     "forward-grid-hw": lambda tmp: model()(
         input_ids=image_ids(4), pixel_values=image(), vae_pixel_values=image(), image_grid_hw=torch.tensor([[1, 1]])
     ),
+    "forward-packed-without-grid": lambda tmp: model()(
+        input_ids=image_ids(4), pixel_values=torch.rand(4, 3072), vae_pixel_values=torch.rand(4, 3072)
+    ),
+    "forward-packed-wrong-rows": lambda tmp: model()(
+        input_ids=image_ids(4),
+        pixel_values=torch.rand(3, 3072),
+        vae_pixel_values=torch.rand(3, 3072),
+        image_grid_hw=torch.tensor([[2, 2]]),
+    ),
     "forward-cache-twice": lambda tmp: model()(
         input_ids=image_ids(0), cache=DynamicCache(), past_key_values=DynamicCache()
     ),

@@ -127,7 +127,7 @@ def test_random_bytes_and_arrays_as_images_give_pixels_or_a_clear_error(tmp_path
         except (ValueError, TypeError) as error:
             assert traceback.extract_tb(error.__traceback__)[-1].filename.startswith(EMMA_SOURCE), repr(error)
         else:
-            assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.shape[1] == 3
+            assert pixels.min() >= -1 and pixels.max() <= 1 and pixels.shape[1] == 3 * 32 * 32
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from builders import noise_image, tiny_processor
+from builders import images_of, noise_image, tiny_processor
 
 import emma_hf.processing_emma as processing
 
 
 def vae_pixels(image) -> torch.Tensor:
-    return tiny_processor().image_processor(image, return_tensors="pt")["vae_pixel_values"]
+    return torch.stack(images_of(tiny_processor().image_processor(image, return_tensors="pt")))
 
 
 def test_float_and_32_bit_pil_modes_are_read_as_their_levels():

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from builders import noise_image, tiny_chat_model
+from builders import images_of, noise_image, tiny_chat_model
 
 from emma_hf import EmmaForConditionalGeneration
 
@@ -81,13 +81,11 @@ def test_from_pretrained_builds_from_a_config_and_a_state_dict_in_memory(tiny):
         EmmaForConditionalGeneration.from_pretrained(None, config=model.config)
 
 
-@pytest.mark.parametrize(
-    "implementation", ["flash_attention_2", "flex_attention", {"text_config": "flash_attention_2"}]
-)
+@pytest.mark.parametrize("implementation", ["flash_attention_2", {"text_config": "flash_attention_2"}])
 def test_attention_implementations_that_cannot_run_the_mask_are_refused_by_name(tiny, implementation):
     model, _ = tiny
     if isinstance(implementation, str):
-        with pytest.raises(ValueError, match=r"not supported by EMMA.*\['eager', 'sdpa'\]"):
+        with pytest.raises(ValueError, match=r"not supported by EMMA.*\['eager', 'sdpa', 'flex_attention'\]"):
             EmmaForConditionalGeneration._from_config(copy.deepcopy(model.config), attn_implementation=implementation)
     with pytest.raises(ValueError, match="not supported by EMMA"):
         model.set_attn_implementation(implementation)
@@ -108,7 +106,7 @@ def test_set_attn_implementation_switches_between_the_supported_ones(tiny):
     assert model.config.text_config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flex_attention"])
 def test_supported_attention_implementations_give_the_same_logits(tiny, implementation):
     model, processor = tiny
     inputs = chat_inputs(processor)
@@ -129,7 +127,8 @@ def test_get_image_features_follows_the_transformers_contract(tiny, return_dict)
         model.config.return_dict = return_dict
     try:
         with torch.no_grad():
-            output = model.get_image_features(pixels["pixel_values"], pixels["vae_pixel_values"])
+            output = model.get_image_features(**pixels)
+            unpacked = model.get_image_features(images_of(pixels, "pixel_values"), images_of(pixels))
     finally:
         model.config.return_dict = True
     if return_dict is False:
@@ -143,3 +142,46 @@ def test_get_image_features_follows_the_transformers_contract(tiny, return_dict)
     assert last_hidden_state.shape == (2, max(patches), vision.hidden_size)
     hidden = model.config.text_config.hidden_size
     assert [tuple(t.shape) for t in tokens] == [(int(grid.prod()), hidden) for grid in pixels["image_grid_hw"]]
+    unpacked_tokens = unpacked[1] if return_dict is False else unpacked.pooler_output
+    assert all(torch.equal(packed, image) for packed, image in zip(tokens, unpacked_tokens))
+
+
+def test_inputs_embeds_with_images_give_what_input_ids_give(tiny):
+    """As in transformers' vision-language models: placeholders are found where embeddings equal their token's row."""
+    model, processor = tiny
+    chats = [
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": noise_image(64, 96, 1)}, {"type": "text", "text": "a"}],
+            }
+        ],
+        [{"role": "user", "content": [{"type": "text", "text": "a b"}]}],
+    ]
+    batch = processor.apply_chat_template(
+        chats, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    rest = {name: value for name, value in batch.items() if name != "input_ids"}
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        from_ids = model(**batch).logits
+        from_embeds = model(inputs_embeds=embeds, **rest).logits
+    torch.testing.assert_close(from_embeds, from_ids)
+    settings = {
+        "max_new_tokens": 4,
+        "do_sample": False,
+        "eos_token_id": None,
+        "num_beams": 2,
+        "num_return_sequences": 2,
+    }
+    by_ids = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
+    by_embeds = model.generate(inputs_embeds=embeds, **rest, **settings)
+    assert by_embeds.tolist() == by_ids.tolist()
+    gen = torch.full((1, 6), model.config.gen_token_id)
+    latents = torch.randn(1, model.config.vae_config["latent_channels"], 2, 3)
+    ids = torch.cat([batch["input_ids"][1:], gen], dim=1)
+    drawing = {"noisy_latents": latents, "timesteps": torch.tensor([0.5]), "use_cache": False}
+    with torch.no_grad():
+        velocity = model(input_ids=ids, **drawing).velocity
+        from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), **drawing).velocity
+    torch.testing.assert_close(from_embeds, velocity)

@@ -68,6 +68,7 @@ def full_sequence_velocity(pipe, text: str, image, latents: torch.Tensor, t: flo
         input_ids=input_ids,
         pixel_values=inputs.get("pixel_values"),
         vae_pixel_values=inputs.get("vae_pixel_values"),
+        image_grid_hw=inputs.get("image_grid_hw"),
         noisy_latents=latents,
         timesteps=torch.tensor([t]),
         use_cache=False,

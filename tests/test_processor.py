@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from builders import noise_image, tiny_processor, tiny_tokenizer
+from builders import images_of, noise_image, tiny_processor, tiny_tokenizer
 
 from emma_hf import EmmaImageProcessor, EmmaProcessor
 from emma_hf.processing_emma import EMMA_SPECIAL_TOKENS, UnknownWordsWarning, fit_to_token_grid
@@ -35,11 +35,10 @@ def test_native_sizes_within_budget_only_snap_to_the_grid():
 def test_token_count_matches_the_resized_image(height, width):
     processor = tiny_processor()
     inputs = processor(text=["<|image_pad|>look"], images=[noise_image(height, width, 0)], return_tensors="pt")
-    _, _, resized_height, resized_width = inputs["pixel_values"].shape
     rows, cols = inputs["image_grid_hw"][0].tolist()
-    assert (rows, cols) == (resized_height // 32, resized_width // 32)
+    assert fit_to_token_grid(height, width, 32, 32 * 32, 96 * 96) == (rows * 32, cols * 32)
     assert int((inputs["input_ids"] == processor.image_token_id).sum()) == rows * cols
-    assert inputs["vae_pixel_values"].shape == inputs["pixel_values"].shape
+    assert inputs["pixel_values"].shape == inputs["vae_pixel_values"].shape == (rows * cols, 3 * 32 * 32)
 
 
 def test_both_normalisations_come_from_the_same_resized_image():
@@ -49,8 +48,8 @@ def test_both_normalisations_come_from_the_same_resized_image():
     out = processor(noise_image(64, 96, 1), return_tensors="pt")
     unit = torch.from_numpy(np.asarray(noise_image(64, 96, 1), dtype=np.float32) / 255).permute(2, 0, 1)
     mean, std = torch.tensor([0.4, 0.5, 0.6])[:, None, None], torch.tensor([0.2, 0.3, 0.4])[:, None, None]
-    torch.testing.assert_close(out["pixel_values"][0], (unit - mean) / std)
-    torch.testing.assert_close(out["vae_pixel_values"][0], unit * 2 - 1)
+    torch.testing.assert_close(images_of(out, "pixel_values")[0], (unit - mean) / std)
+    torch.testing.assert_close(images_of(out)[0], unit * 2 - 1)
     assert out["vae_pixel_values"].min() >= -1 and out["vae_pixel_values"].max() <= 1
 
 
@@ -82,9 +81,9 @@ def palette_image(colour: list[int]) -> PIL.Image.Image:
 )
 def test_every_pil_mode_becomes_rgb(image, expected_rgb):
     out = tiny_processor().image_processor(image, return_tensors="pt")
-    assert out["vae_pixel_values"].shape == (1, 3, 32, 32)
+    assert [image.shape for image in images_of(out)] == [(3, 32, 32)]
     expected = torch.tensor(expected_rgb, dtype=torch.float32) / 255 * 2 - 1
-    torch.testing.assert_close(out["vae_pixel_values"][0].mean(dim=(1, 2)), expected, atol=1e-3, rtol=0)
+    torch.testing.assert_close(images_of(out)[0].mean(dim=(1, 2)), expected, atol=1e-3, rtol=0)
 
 
 def test_palette_image_with_transparency_goes_on_white():
@@ -113,22 +112,25 @@ def test_arrays_tensors_and_paths_give_the_same_pixels(tmp_path):
         torch.testing.assert_close(processor(other, return_tensors="pt")["vae_pixel_values"], reference)
 
 
-def test_greyscale_array_and_mixed_sizes_come_back_as_a_list():
+def test_greyscale_array_and_mixed_sizes_come_back_packed_a_row_per_token():
     processor = tiny_processor().image_processor
-    out = processor([np.full((64, 64), 255, dtype=np.uint8), noise_image(32, 96, 3)], return_tensors="pt")
-    assert isinstance(out["pixel_values"], list) and [p.shape for p in out["pixel_values"]] == [
-        (3, 64, 64),
-        (3, 32, 96),
-    ]
+    grey, noise = np.full((64, 64), 255, dtype=np.uint8), noise_image(32, 96, 3)
+    out = processor([grey, noise], return_tensors="pt")
+    assert out["pixel_values"].shape == (2 * 2 + 1 * 3, 3 * 32 * 32)
     assert torch.equal(out["image_grid_hw"], torch.tensor([[2, 2], [1, 3]]))
-    assert torch.allclose(out["vae_pixel_values"][0], torch.ones(1))
+    first, second = images_of(out)
+    assert first.shape == (3, 64, 64) and torch.allclose(first, torch.ones(1))
+    unit = torch.from_numpy(np.asarray(noise, dtype=np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(second, unit * 2 - 1)
+    # Token (0, 1) of the second image is its pixels [0:32, 32:64], channels first.
+    torch.testing.assert_close(out["vae_pixel_values"][5], (unit[:, :, 32:64] * 2 - 1).reshape(-1))
 
 
 def test_tiny_and_huge_images_are_resized_to_the_budget():
     processor = tiny_processor().image_processor
-    assert processor(constant("RGB", (1, 2, 3), (1, 1)), return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
-    huge = processor(constant("RGB", (9, 8, 7), (10000, 10000)), return_tensors="pt")["pixel_values"]
-    assert huge.shape == (1, 3, 96, 96)
+    assert processor(constant("RGB", (1, 2, 3), (1, 1)), return_tensors="pt")["image_grid_hw"].tolist() == [[1, 1]]
+    huge = processor(constant("RGB", (9, 8, 7), (10000, 10000)), return_tensors="pt")
+    assert [image.shape for image in images_of(huge)] == [(3, 96, 96)]
 
 
 def test_bad_images_give_clear_errors(tmp_path):
@@ -265,10 +267,10 @@ def test_rescale_and_normalize_switches_apply_to_pixel_values_and_survive_saving
         reloaded = EmmaImageProcessor.from_pretrained(tmp_path / name)
         for each in (processor, reloaded):
             output = each(image, return_tensors="pt")
-            assert torch.allclose(output["pixel_values"][0], expected, atol=1e-5), name
+            assert torch.allclose(images_of(output, "pixel_values")[0], expected, atol=1e-5), name
             assert torch.equal(output["vae_pixel_values"], default["vae_pixel_values"]), name
         as_call_argument = EmmaImageProcessor(size={"height": 64, "width": 64})(image, return_tensors="pt", **setting)
-        assert torch.allclose(as_call_argument["pixel_values"][0], expected, atol=1e-5), name
+        assert torch.allclose(images_of(as_call_argument, "pixel_values")[0], expected, atol=1e-5), name
 
 
 def test_the_tokenizer_pads_on_the_left_for_generation_also_after_saving(tmp_path):

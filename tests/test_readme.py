@@ -153,6 +153,8 @@ def test_a_new_user_follows_the_readme(tmp_path):
 
     # The chat snippet describes the drawing in the shapes world's words, as the README's question asks.
     assert "a red circle at the top left" in printed_by('"text": "describe the image."')
+    # Compiled static-cache decoding writes the tokens of eager decoding.
+    assert printed_by('cache_implementation="static"') == "True\n"
 
     # The fine-tuning quickstart prints the scores the README shows for the adapter.
     documented = re.findall(

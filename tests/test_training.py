@@ -1,12 +1,15 @@
 """Training: data formats and collator, stage presets, LoRA presets, the Trainer recipe, resuming."""
 
 import json
+import logging
 import warnings
 
 import pytest
 import torch
-from builders import noise_image, tiny_chat_model, tiny_processor, write_toy_dataset
+import transformers
+from builders import images_of, noise_image, tiny_chat_model, tiny_processor, write_toy_dataset
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 
 from emma_hf import EmmaImageProcessor, EmmaPipeline, EmmaProcessor
 from emma_hf.processing_emma import UnknownWordsWarning
@@ -48,7 +51,8 @@ def test_collator_labels_only_assistant_text_and_expands_images(toy):
     config = model.config
     assert (batch["input_ids"] == config.image_token_id).sum(-1).tolist() == [4, 0, 4]
     assert (batch["input_ids"] == config.gen_token_id).sum(-1).tolist() == [0, 4, 4]
-    assert batch["target_pixel_values"].shape == (2, 3, 64, 64) and batch["pixel_values"].shape == (2, 3, 64, 64)
+    assert batch["target_pixel_values"].shape == (2, 3, 64, 64)
+    assert [image.shape for image in images_of(batch, "pixel_values")] == [(3, 64, 64)] * 2
     mask = batch["attention_mask"]
     assert bool((mask.diff(dim=-1) <= 0).all()) and mask[:, 0].all() and not mask.all()
     assert bool((batch["labels"][mask == 0] == -100).all())
@@ -238,6 +242,39 @@ def test_named_adapters_switch(toy):
         lora_target_modules(model, "vision")
 
 
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_loading_several_adapters_reports_only_each_adapters_own_missing_weights(tmp_path):
+    """transformers 5.23 listed the first adapter's weights (and, for a short name, base weights) as MISSING."""
+    for name, task in (("a", "generation"), ("default", "understanding"), ("damaged", "generation")):
+        model, _ = tiny_chat_model(seed=0)
+        get_peft_model(model, emma_lora_config(model, task, r=4)).save_pretrained(tmp_path / name)
+    weights = load_file(tmp_path / "damaged" / "adapter_model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "damaged" / "adapter_model.safetensors")
+
+    model, _ = tiny_chat_model(seed=0)
+    records = Records()
+    library_logger = transformers.utils.logging.get_logger("transformers")
+    library_logger.addHandler(records)
+    try:
+        infos = [model.load_adapter(tmp_path / name, adapter_name=name) for name in ("a", "default")]
+        assert [info.missing_keys for info in infos] == [set(), set()]
+        assert not any("MISSING" in message for message in records.messages), records.messages
+        (missing,) = model.load_adapter(tmp_path / "damaged", adapter_name="third").missing_keys
+    finally:
+        library_logger.removeHandler(records)
+    assert missing.replace(".third.", ".") == dropped.removeprefix("base_model.model.")
+    assert any("MISSING" in message and missing in message for message in records.messages)
+
+
 def test_training_data_may_teach_a_closed_vocabulary_new_words(toy):
     """The processor warns users about words outside `known_words`; training on new words is no reason to."""
     model, processor = tiny_chat_model()
@@ -256,12 +293,13 @@ def test_context_images_are_read_within_the_pixel_budget_and_targets_are_not():
     processor = tiny_processor(max_pixels=128 * 128)
     sample = {**edit_sample(0), "images": [noise_image(128, 128, 0)], "target": noise_image(128, 128, 1)}
     batch = EmmaCollator(processor, model.config, max_context_pixels=64 * 64)([sample])
-    assert batch["pixel_values"].shape[-2:] == batch["vae_pixel_values"].shape[-2:] == (64, 64)
+    assert [image.shape for image in images_of(batch)] == [(3, 64, 64)]
+    assert batch["pixel_values"].shape == batch["vae_pixel_values"].shape
     assert batch["target_pixel_values"].shape[-2:] == (128, 128)
     assert (batch["input_ids"] == model.config.image_token_id).sum() == 4  # a 2x2 token grid
     assert model(**batch).loss.isfinite()
     unbudgeted = EmmaCollator(processor, model.config)([sample])
-    assert unbudgeted["pixel_values"].shape[-2:] == (128, 128)
+    assert [image.shape for image in images_of(unbudgeted)] == [(3, 128, 128)]
 
     fixed_size = EmmaProcessor(EmmaImageProcessor(size={"height": 96, "width": 160}), processor.tokenizer)
     assert EmmaCollator(fixed_size, model.config, max_context_pixels=64 * 96).context_size == {
@@ -324,7 +362,7 @@ def test_a_dropped_condition_is_the_branch_the_pipeline_encodes(dropped, monkeyp
 
     def capture(input_ids, attention_mask, **kwargs):
         encoded["rows"] = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-        encoded["pixel_values"] = kwargs["pixel_values"]
+        encoded.update(kwargs)
         return encode_context(input_ids, attention_mask, **kwargs)
 
     monkeypatch.setattr(model, "encode_context", capture)
@@ -334,7 +372,8 @@ def test_a_dropped_condition_is_the_branch_the_pipeline_encodes(dropped, monkeyp
     if dropped == "image":
         assert "pixel_values" not in batch
     else:
-        assert torch.equal(batch["pixel_values"][0], encoded["pixel_values"][1])
+        # The pipeline's context holds the source image in the full and the no-text rows: the second is row 1's.
+        assert torch.equal(images_of(batch, "pixel_values")[0], images_of(encoded, "pixel_values")[1])
 
 
 def moe_experts(model) -> list:

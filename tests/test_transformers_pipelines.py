@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 import transformers
-from builders import run_python_without_emma_hf, tiny_chat_model
+from builders import noise_image, run_python_without_emma_hf, tiny_chat_model
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, pipeline
 
 from emma_hf import EmmaForConditionalGeneration
@@ -56,6 +56,45 @@ def test_image_text_to_text_pipeline_batches_as_it_answers_one_by_one(chat_pipel
     batched = answers(chat_pipeline(text=chats, batch_size=4, **kwargs))
     assert batched == one_by_one
     assert one_by_one[1] in {"zero", "one", "two", "three", "four", "five"}, one_by_one
+
+
+def chat_with_images(images: list, question: str) -> list[dict]:
+    content = [{"type": "image", "image": image} for image in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+
+
+def test_image_text_to_text_pipeline_batches_rows_with_any_number_of_images(chat_pipeline):
+    """Rows with no, one and two images batch together: the processor's packed images concatenate across rows."""
+    rng = random.Random(5)
+    scenes = [render(random_scene(rng, 96)) for _ in range(4)]
+    chats = [
+        chat_with_images([scenes[0], scenes[1]], "how many squares are there?"),
+        chat_with_images([], "what color is the circle?"),
+        chat_with_images([scenes[2]], "what color is the circle?"),
+        chat_with_images([scenes[3]], "how many squares are there?"),
+    ]
+    kwargs = {"max_new_tokens": 12, "return_full_text": False}
+    one_by_one = [answers(chat_pipeline(text=chat, **kwargs))[0] for chat in chats]
+    for batch_size in (2, 4):
+        assert answers(chat_pipeline(text=chats, batch_size=batch_size, **kwargs)) == one_by_one
+    assert one_by_one[2] in {"red", "green", "blue", "yellow", "purple", "orange"}, one_by_one
+
+
+def test_image_text_to_text_pipeline_batches_images_of_different_sizes(exported):
+    """Images of other sizes in each row (the tiny model resizes within a pixel budget, aspect kept)."""
+    tiny_pipeline = pipeline("image-text-to-text", model=str(exported))
+    sizes = [[(64, 96)], [(96, 32), (32, 32)], [], [(40, 40), (90, 60), (64, 64)]]
+    chats = [
+        chat_with_images([noise_image(height, width, seed) for seed, (height, width) in enumerate(row)], "a b c")
+        for row in sizes
+    ]
+    grids = tiny_pipeline.processor.apply_chat_template(
+        [message for chat in chats for message in chat], tokenize=True, return_dict=True, return_tensors="pt"
+    )["image_grid_hw"]
+    assert len({tuple(grid) for grid in grids.tolist()}) >= 4
+    kwargs = {"max_new_tokens": 6, "return_full_text": False}
+    one_by_one = [answers(tiny_pipeline(text=chat, **kwargs))[0] for chat in chats]
+    assert answers(tiny_pipeline(text=chats, batch_size=4, **kwargs)) == one_by_one
 
 
 def test_any_to_any_pipeline_answers_as_image_text_to_text(chat_pipeline):

@@ -21,11 +21,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import transformers
 from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from packaging import version
 from safetensors import SafetensorError, safe_open
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation.utils import ALL_CACHE_NAMES
@@ -52,6 +55,8 @@ from transformers.utils import (
     cached_file,
     can_return_tuple,
 )
+from transformers.utils import logging as transformers_logging
+from transformers.utils.loading_report import log_state_dict_report
 
 from .configuration_emma import EmmaConfig, check_not_an_export, clearer_load_error
 
@@ -65,6 +70,12 @@ CONTEXT_IMAGE_INPUTS = ("pixel_values", "vae_pixel_values", "image_grid_hw")
 # `from_pretrained` keyword arguments that say where and how to fetch a Hub file.
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only")
 CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
+# flex attention's block size: its `BlockMask` covers whole blocks of this many queries and keys.
+FLEX_BLOCK_SIZE = 128
+# transformers < 5.24 counts every loaded key that holds an adapter's name or "lora" as one of its missing keys, so
+# `load_adapter` reports another adapter's weights (and, for a short name, base weights) as MISSING; EMMA's
+# `load_adapter` reports by the name's own path segment, as later releases do.
+ADAPTER_REPORT_MISCOUNTS = version.parse(transformers.__version__) < version.parse("5.24")
 
 
 def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -332,36 +343,171 @@ def advances_position(block_ids: torch.Tensor) -> torch.Tensor:
     return (block_ids < 0) | (block_ids != F.pad(block_ids[:, :-1], (1, 0), value=-1))
 
 
-def build_attention_mask(
-    gen_mask: torch.Tensor, block_ids: torch.Tensor, key_segment_ids: torch.Tensor, past_length: int
+def visible_keys(
+    query_index: torch.Tensor,
+    key_index: torch.Tensor,
+    query_blocks: torch.Tensor,
+    key_blocks: torch.Tensor,
+    key_gen: torch.Tensor,
+    query_segments: torch.Tensor,
+    key_segments: torch.Tensor,
 ) -> torch.Tensor:
     """
-    Boolean `(batch, 1, queries, keys)` mask, True where a query may attend:
-    text is causal; an image's tokens see each other and all earlier context; only gen tokens of the same image see
-    a gen token; packed samples (distinct positive `key_segment_ids`) never see each other; padding (0) is seen by
-    nobody. Keys `[0, past_length)` come from a cache of context tokens.
+    EMMA's attention rule on broadcastable per-query and per-key values, so that the dense mask and flex
+    attention's `mask_mod` share it: text is causal; an image's tokens see each other and all earlier context; only
+    gen tokens of the same image see a gen token; packed samples (distinct positive segment ids) never see each
+    other; padding (segment 0) is seen by nobody; every token sees itself.
     """
-    batch, num_queries = gen_mask.shape
-    device = gen_mask.device
-    past_text = torch.full((batch, past_length), -1, dtype=block_ids.dtype, device=device)
-    key_blocks = torch.cat([past_text, block_ids], dim=1)
-    key_gen = torch.cat([torch.zeros_like(past_text, dtype=torch.bool), gen_mask], dim=1)
-    query_index = torch.arange(num_queries, device=device) + past_length
-    key_index = torch.arange(key_blocks.shape[1], device=device)
-    causal = query_index[:, None] >= key_index[None, :]
-    same_block = (block_ids[:, :, None] == key_blocks[:, None, :]) & (block_ids[:, :, None] >= 0)
-    visible = (causal[None] & ~key_gen[:, None, :]) | same_block
-    query_segments = key_segment_ids[:, past_length:]
-    same_sample = (query_segments[:, :, None] == key_segment_ids[:, None, :]) & (key_segment_ids[:, None, :] > 0)
-    itself = query_index[:, None] == key_index[None, :]
-    return ((visible & same_sample) | itself[None])[:, None]
+    causal = query_index >= key_index
+    same_block = (query_blocks == key_blocks) & (query_blocks >= 0)
+    visible = (causal & ~key_gen) | same_block
+    same_sample = (query_segments == key_segments) & (key_segments > 0)
+    return (visible & same_sample) | (query_index == key_index)
 
 
-def to_attention_implementation(mask: torch.Tensor | None, implementation: str, dtype: torch.dtype):
-    """sdpa takes the boolean mask as is; eager adds it to the scores."""
-    if mask is None or implementation == "sdpa":
+@dataclass
+class KeyLayout:
+    """
+    Per-token values [`visible_keys`] reads, `(batch, queries)` and `(batch, keys)`. Keys are the cache's slots:
+    `[0, past_length)` hold context tokens (text to the rule: a cache never holds gen tokens), the new tokens go to
+    `[past_length, past_length + queries)`, and later slots (a static cache's unfilled room) have segment 0.
+    """
+
+    query_index: torch.Tensor
+    query_blocks: torch.Tensor
+    query_segments: torch.Tensor
+    key_blocks: torch.Tensor
+    key_gen: torch.Tensor
+    key_segments: torch.Tensor
+
+    @classmethod
+    def build(
+        cls,
+        gen_mask: torch.Tensor,
+        block_ids: torch.Tensor,
+        key_segment_ids: torch.Tensor,
+        past_length: int | torch.Tensor,
+    ) -> "KeyLayout":
+        """`past_length` may be a 0-d tensor (a static cache's count while a decode step compiles): no host sync."""
+        batch, num_queries = gen_mask.shape
+        device = gen_mask.device
+        query_index = torch.arange(num_queries, device=device) + past_length
+        slots = query_index.expand(batch, num_queries)
+        key_shape = key_segment_ids.shape
+        return cls(
+            query_index=query_index,
+            query_blocks=block_ids,
+            query_segments=key_segment_ids.gather(1, slots),
+            key_blocks=torch.full(key_shape, -1, dtype=block_ids.dtype, device=device).scatter(1, slots, block_ids),
+            key_gen=torch.zeros(key_shape, dtype=torch.bool, device=device).scatter(1, slots, gen_mask),
+            key_segments=key_segment_ids,
+        )
+
+    def block_mask(self) -> BlockMask:
+        """
+        The same rule as flex attention's `BlockMask`, for `attn_implementation="flex_attention"`. The values its
+        `mask_mod` reads are padded to whole blocks of 128 tokens and marked static: torch's CPU flex kernel fails to
+        compile (C++ errors) once they have dynamic sizes, and whole blocks keep one graph for the decode steps of a
+        growing cache until a block fills.
+        """
+        (batch, num_queries), num_keys = self.query_blocks.shape, self.key_segments.shape[1]
+
+        def whole_blocks(values: torch.Tensor) -> torch.Tensor:
+            values = F.pad(values, (0, -values.shape[-1] % FLEX_BLOCK_SIZE))
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static(values)
+            return values
+
+        query_index, query_blocks, query_segments, key_blocks, key_gen, key_segments = (
+            whole_blocks(values)
+            for values in (
+                self.query_index,
+                self.query_blocks,
+                self.query_segments,
+                self.key_blocks,
+                self.key_gen,
+                self.key_segments,
+            )
+        )
+
+        def mask_mod(batch: torch.Tensor, head: torch.Tensor, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+            return visible_keys(
+                query_index[query],
+                key,
+                query_blocks[batch, query],
+                key_blocks[batch, key],
+                key_gen[batch, key],
+                query_segments[batch, query],
+                key_segments[batch, key],
+            )
+
+        return create_block_mask(mask_mod, batch, None, num_queries, num_keys, device=self.key_segments.device)
+
+    def dense(self) -> torch.Tensor:
+        """Boolean `(batch, 1, queries, keys)` mask, True where a query may attend."""
+        key_index = torch.arange(self.key_segments.shape[1], device=self.key_segments.device)
+        return visible_keys(
+            self.query_index[None, :, None],
+            key_index[None, None, :],
+            self.query_blocks[:, :, None],
+            self.key_blocks[:, None, :],
+            self.key_gen[:, None, :],
+            self.query_segments[:, :, None],
+            self.key_segments[:, None, :],
+        )[:, None]
+
+
+def to_attention_implementation(
+    layout: KeyLayout, implementation: str, dtype: torch.dtype
+) -> torch.Tensor | BlockMask:
+    """sdpa takes the boolean mask, eager adds it to the scores, flex attention reads it as a `BlockMask`."""
+    if implementation == "flex_attention":
+        return layout.block_mask()
+    mask = layout.dense()
+    if implementation == "sdpa":
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def cached_length(cache: Cache | None) -> int | torch.Tensor:
+    """
+    Tokens already in `cache`. A static cache counts them in a tensor: read on the host in eager mode, kept a tensor
+    while `torch.compile` traces a decode step (generate compiles those only), so that the step is one graph.
+    """
+    if cache is None:
+        return 0
+    length = cache.get_seq_length()
+    if isinstance(length, torch.Tensor) and not torch.compiler.is_compiling():
+        return int(length)
+    return length
+
+
+def key_segments(
+    attention_mask: torch.Tensor | None,
+    batch: int,
+    num_keys: int,
+    past_length: int | torch.Tensor,
+    seq: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """
+    Segment id of every key slot, `(batch, num_keys)`: `attention_mask` (`(batch, past + seq)`, or already padded
+    to a static cache's room), with 0 on the slots no token fills yet.
+    """
+    if attention_mask is None:
+        filled = torch.arange(num_keys, device=device) < past_length + seq
+        return filled.long().expand(batch, num_keys)
+    if attention_mask.ndim != 2:
+        raise ValueError(f"attention_mask must be (batch, past + seq), got shape {tuple(attention_mask.shape)}")
+    # While compiling a decode step the count is a tensor and the mask comes padded from `create_masks_for_generate`.
+    lengths = {num_keys} if isinstance(past_length, torch.Tensor) else {past_length + seq, num_keys}
+    if attention_mask.shape[0] != batch or attention_mask.shape[1] not in lengths:
+        expected = " or ".join(f"({batch}, {length})" for length in sorted(lengths))
+        raise ValueError(
+            f"attention_mask must cover the cache and the new tokens, shape {expected}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return F.pad(attention_mask.to(device=device, dtype=torch.long), (0, num_keys - attention_mask.shape[1]))
 
 
 class ContextKVView:
@@ -414,6 +560,36 @@ def as_image_list(images: ImageInput, argument: str, channels: int | None = None
         if image.ndim != 3 or (channels is not None and image.shape[0] != channels):
             raise ValueError(f"{argument} images must be ({channels or 'C'}, H, W), got shape {tuple(image.shape)}")
     return list(images)
+
+
+def unpack_images(
+    images: ImageInput | None, image_grid_hw: torch.Tensor | None, cell: int, argument: str
+) -> ImageInput | None:
+    """
+    The processor's packed layout, `(sum of h*w, C*cell*cell)` with a row per visual token, back to a list of
+    `(C, h*cell, w*cell)` images by `image_grid_hw`; no rows (text without images) -> None; other layouts as given.
+    """
+    if not isinstance(images, torch.Tensor) or images.ndim != 2:
+        return images
+    if images.shape[0] == 0:
+        return None
+    if image_grid_hw is None:
+        raise ValueError(f"{argument} is packed (a row per visual token) and needs image_grid_hw to split it")
+    grids = torch.as_tensor(image_grid_hw).reshape(-1, 2).tolist()
+    channels, remainder = divmod(images.shape[1], cell * cell)
+    if remainder or sum(rows * cols for rows, cols in grids) != images.shape[0]:
+        raise ValueError(
+            f"{argument} of shape {tuple(images.shape)} does not hold the tokens of image_grid_hw {grids}: a row per "
+            f"token of C*{cell}*{cell} pixels (the model's image_grid_size is {cell}; the processor's patch_size must "
+            "match it)"
+        )
+    tokens = images.split([rows * cols for rows, cols in grids])
+    return [
+        image.reshape(rows, cols, channels, cell, cell)
+        .permute(2, 0, 3, 1, 4)
+        .reshape(channels, rows * cell, cols * cell)
+        for image, (rows, cols) in zip(tokens, grids)
+    ]
 
 
 def group_by_size(images: list[torch.Tensor]) -> dict[tuple[int, ...], list[int]]:
@@ -861,13 +1037,16 @@ class EmmaPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _supports_attention_backend = False
-    _can_compile_fullgraph = False
+    # The one-token decode step (a cache, no new images) runs no check on tensor values and no data-dependent branch:
+    # with a static cache, generate() compiles it as one graph (`tests/test_fast_decoding.py`).
+    _can_compile_fullgraph = True
     # The loss is a mean over the batch's tokens and images; the Trainer then averages over accumulation steps.
     accepts_loss_kwargs = False
-    # EMMA's attention mixes causal text with bidirectional image blocks through an explicit mask.
-    supported_attention_implementations = ("eager", "sdpa")
+    # EMMA's attention mixes causal text with bidirectional image blocks through an explicit mask (a `BlockMask` for
+    # flex attention); flash attention's varlen kernels take causal-or-not per sequence, not this mix.
+    supported_attention_implementations = ("eager", "sdpa", "flex_attention")
 
     def __init__(self, config: EmmaConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -875,6 +1054,15 @@ class EmmaPreTrainedModel(PreTrainedModel):
         for sub_config in (config.text_config, config.vision_config):
             if sub_config._attn_implementation is None:
                 sub_config._attn_implementation = config._attn_implementation
+        self.keep_vision_tower_off_flex()
+
+    def keep_vision_tower_off_flex(self) -> None:
+        """
+        The vision tower's mask is padding alone, which sdpa runs as fast; flex would compile a kernel per image size
+        (through a `create_block_mask` flag torch deprecates), so under flex attention the vision tower runs sdpa.
+        """
+        if self.config.vision_config._attn_implementation == "flex_attention":
+            self.config.vision_config._attn_implementation = "sdpa"
 
     def check_attention_implementation(self, requested: str | dict | None) -> None:
         """Refuse, by name, implementations that cannot run EMMA's mask (a dict maps sub-configs to requests)."""
@@ -895,6 +1083,7 @@ class EmmaPreTrainedModel(PreTrainedModel):
     def set_attn_implementation(self, attn_implementation: str | dict, *args, **kwargs) -> None:
         self.check_attention_implementation(attn_implementation)
         super().set_attn_implementation(attn_implementation, *args, **kwargs)
+        self.keep_vision_tower_off_flex()
 
     @classmethod
     def from_pretrained(
@@ -1041,7 +1230,26 @@ class EmmaPreTrainedModel(PreTrainedModel):
                 )
         if use_safetensors is not None:
             kwargs["use_safetensors"] = use_safetensors
-        return super().load_adapter(peft_model_id, *args, **kwargs)
+        if not ADAPTER_REPORT_MISCOUNTS:
+            return super().load_adapter(peft_model_id, *args, **kwargs)
+        peft_logger = transformers_logging.get_logger("transformers.integrations.peft")
+        level = peft_logger.level
+        peft_logger.setLevel(transformers_logging.ERROR)
+        try:
+            loading_info = super().load_adapter(peft_model_id, *args, **kwargs)
+        finally:
+            peft_logger.setLevel(level)
+        if loading_info is not None:
+            adapter_name = (args[0] if args else kwargs.get("adapter_name")) or "default"
+            loading_info.missing_keys = {key for key in loading_info.missing_keys if adapter_name in key.split(".")}
+            log_state_dict_report(
+                model=self,
+                pretrained_model_name_or_path=peft_model_id,
+                ignore_mismatched_sizes=False,
+                loading_info=loading_info,
+                logger=peft_logger,
+            )
+        return loading_info
 
 
 class EmmaModel(EmmaPreTrainedModel):
@@ -1119,7 +1327,11 @@ class EmmaModel(EmmaPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: ImageInput, vae_pixel_values: ImageInput, **kwargs
+        self,
+        pixel_values: ImageInput,
+        vae_pixel_values: ImageInput,
+        image_grid_hw: torch.LongTensor | None = None,
+        **kwargs,
     ) -> BaseModelOutputWithPooling:
         """
         Context images encoded as transformers' vision-language models do: `last_hidden_state` is SigLIP2's (MoE)
@@ -1127,13 +1339,20 @@ class EmmaModel(EmmaPreTrainedModel):
         the decoder reads, one `(h*w, hidden)` tensor per image: those features unshuffled to the 32-px grid and
         concatenated on channels with the DC-AE latents, through `und_adapter`, plus 2-D positions.
 
-        pixel_values: images normalised for SigLIP2; vae_pixel_values: the same images in [-1, 1].
+        pixel_values: images normalised for SigLIP2; vae_pixel_values: the same images in [-1, 1]; packed as the
+        processor returns them (with `image_grid_hw`) or unpacked.
         """
+        cell = self.config.image_grid_size
+        pixel_values, vae_pixel_values = (
+            unpack_images(images, image_grid_hw, cell, name)
+            for images, name in ((pixel_values, "pixel_values"), (vae_pixel_values, "vae_pixel_values"))
+        )
+        if pixel_values is None or vae_pixel_values is None:
+            raise ValueError("get_image_features needs at least one image in pixel_values and vae_pixel_values")
         images = as_image_list(pixel_values, "pixel_values", channels=self.config.vision_config.num_channels)
         vae_images = as_image_list(vae_pixel_values, "vae_pixel_values", channels=3)
         if [image.shape[-2:] for image in images] != [image.shape[-2:] for image in vae_images]:
             raise ValueError("pixel_values and vae_pixel_values must hold the same images at the same sizes")
-        cell = self.config.image_grid_size
         self.check_image_sizes(images, "pixel_values", cell)
         patch_size = self.config.vision_config.patch_size
         tower_device = execution_device(self.vision_tower)
@@ -1210,13 +1429,19 @@ class EmmaModel(EmmaPreTrainedModel):
             generated images, one run of (H/32)*(W/32) per image, images in order of appearance.
         attention_mask: `(batch, past + seq)`; 0 marks padding, and distinct positive ids mark packed samples
             (1 everywhere is one sample per row).
-        pixel_values / vae_pixel_values: the context images, normalised for SigLIP2 and in [-1, 1].
+        pixel_values / vae_pixel_values: the context images, normalised for SigLIP2 and in [-1, 1]: packed as the
+            processor returns them (a row per visual token, split by `image_grid_hw`), `(N, C, H, W)`, or a list of
+            `(C, H, W)`.
         noisy_latents / timesteps: `x_t` of each generated image (scaled DC-AE latents) and its `t` in [0, 1].
-        image_grid_hw: `(num_images, 2)` token grid of each context image, as the processor returns it; checked
-            against `pixel_values`.
+        image_grid_hw: `(num_images, 2)` token grid of each context image, as the processor returns it; splits
+            packed images, and is checked against unpacked ones.
         cache: the KV cache to continue from (`past_key_values` is accepted too, as transformers < 5.24 names it).
         """
         cache = one_cache(cache, past_key_values)
+        pixel_values, vae_pixel_values = (
+            unpack_images(images, image_grid_hw, self.config.image_grid_size, name)
+            for images, name in ((pixel_values, "pixel_values"), (vae_pixel_values, "vae_pixel_values"))
+        )
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if output_attentions is None:
@@ -1225,9 +1450,11 @@ class EmmaModel(EmmaPreTrainedModel):
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if past_length == 0:
-            # Prompts only: continuing from a cache, the inputs are the model's own (no host sync per decoded token).
+        past_length = cached_length(cache)
+        prompt = isinstance(past_length, int) and past_length == 0
+        if prompt:
+            # Prompts only: continuing from a cache, the inputs are the model's own, and a decode step runs no check
+            # on tensor values (no host sync per token, and one graph under `torch.compile(fullgraph=True)`).
             if input_ids is not None:
                 check_token_ids(input_ids, self.get_input_embeddings().num_embeddings)
             check_prompt_inputs(attention_mask, {"pixel_values": pixel_values, "vae_pixel_values": vae_pixel_values})
@@ -1235,18 +1462,15 @@ class EmmaModel(EmmaPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         batch, seq = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if input_ids is not None:
-            # Continuing from a cache without new images, a placeholder is a token the model wrote: plain text.
-            image_mask, gen_mask, block_ids = find_image_blocks(
-                input_ids,
-                self.config,
-                images=past_length == 0 or pixel_values is not None,
-                gen=past_length == 0 or noisy_latents is not None,
-            )
-        else:
-            image_mask = gen_mask = torch.zeros(batch, seq, dtype=torch.bool, device=device)
-            block_ids = torch.full((batch, seq), -1, dtype=torch.long, device=device)
-        has_gen = bool(gen_mask.any())
+        token_ids = input_ids if input_ids is not None else self.placeholder_ids(inputs_embeds)
+        # Continuing from a cache without new images, a placeholder is a token the model wrote: plain text.
+        image_mask, gen_mask, block_ids = find_image_blocks(
+            token_ids,
+            self.config,
+            images=prompt or pixel_values is not None,
+            gen=prompt or noisy_latents is not None,
+        )
+        has_gen = noisy_latents is not None and bool(gen_mask.any())
         if use_cache is None:
             # The Trainer switches caching off in the top-level config (`TrainingArguments.use_cache`); a training
             # pass (gradients on) never continues from its cache, so it keeps none, whoever runs it.
@@ -1260,47 +1484,50 @@ class EmmaModel(EmmaPreTrainedModel):
                 "use_cache=True cannot cache noisy gen tokens; encode the prompt with encode_context() and run "
                 "predict_velocity() for each step"
             )
-        if attention_mask is not None and attention_mask.ndim != 2:
-            raise ValueError(f"attention_mask must be (batch, past + seq), got shape {tuple(attention_mask.shape)}")
-        key_segment_ids = (
-            torch.ones(batch, past_length + seq, dtype=torch.long, device=device)
-            if attention_mask is None
-            else attention_mask.to(device=device, dtype=torch.long)
-        )
-        if key_segment_ids.shape != (batch, past_length + seq):
-            raise ValueError(
-                f"attention_mask must cover the cache and the new tokens, shape ({batch}, {past_length + seq}), "
-                f"got {tuple(key_segment_ids.shape)}"
-            )
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        cache = cache if use_cache or not prompt else None
+        # Keys are the cache's slots: past + seq, or all of a static cache's room.
+        num_keys = cache.get_mask_sizes(seq, 0)[0] if cache is not None else seq
+        key_segment_ids = key_segments(attention_mask, batch, num_keys, past_length, seq, device)
 
         if image_grid_hw is not None and pixel_values is not None:
             check_image_grid(pixel_values, image_grid_hw, self.config.image_grid_size)
-        inputs_embeds = self.scatter_visual_tokens(
-            inputs_embeds, input_ids, image_mask, gen_mask, pixel_values, vae_pixel_values, noisy_latents, timesteps
-        )
+        if prompt or pixel_values is not None or noisy_latents is not None:
+            inputs_embeds = self.scatter_visual_tokens(
+                inputs_embeds,
+                token_ids,
+                image_mask,
+                gen_mask,
+                pixel_values,
+                vae_pixel_values,
+                noisy_latents,
+                timesteps,
+            )
 
+        layout = KeyLayout.build(gen_mask, block_ids, key_segment_ids, past_length)
         if position_ids is None:
-            if past_length:
+            if not prompt:
                 raise ValueError("position_ids are required when continuing from a cache (generate() passes them)")
-            position_ids = rope_position_ids(key_segment_ids, advances_position(block_ids))
+            position_ids = rope_position_ids(layout.query_segments, advances_position(block_ids))
 
+        implementation = self.config.text_config._attn_implementation
+        # A prompt of plain text that fills its keys exactly is sdpa's own causal case: no mask to build.
         plain_causal = (
-            self.config.text_config._attn_implementation == "sdpa"
+            prompt
+            and implementation == "sdpa"
+            and num_keys == seq
             and not bool((block_ids >= 0).any())
             and bool((key_segment_ids == 1).all())
-            and (seq == 1 or past_length == 0)
         )
-        mask = None if plain_causal else build_attention_mask(gen_mask, block_ids, key_segment_ids, past_length)
-        mask = to_attention_implementation(mask, self.config.text_config._attn_implementation, inputs_embeds.dtype)
+        mask = None if plain_causal else to_attention_implementation(layout, implementation, inputs_embeds.dtype)
 
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config.text_config)
         hidden_states, all_hidden_states = self.language_model(
             inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            streams=TokenStreams(gen_mask),
-            cache=cache if use_cache or past_length else None,
+            streams=TokenStreams(gen_mask if has_gen else None),
+            cache=cache,
             output_hidden_states=bool(output_hidden_states),
         )
         return EmmaModelOutputWithPast(
@@ -1310,10 +1537,23 @@ class EmmaModel(EmmaPreTrainedModel):
             **{CACHE_NAME: cache if use_cache else None},
         )
 
+    def placeholder_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """
+        `(batch, seq)` ids standing in for `input_ids` when only `inputs_embeds` are given: an image placeholder's id
+        where an embedding equals that token's row of the table (as transformers' vision-language models find their
+        image tokens), -1 (text) elsewhere.
+        """
+        table = self.get_input_embeddings().weight
+        ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        for token_id in (self.config.image_token_id, self.config.gen_token_id):
+            matches = (inputs_embeds == table[token_id].to(inputs_embeds)).all(-1)
+            ids = ids.masked_fill(matches, token_id)
+        return ids
+
     def scatter_visual_tokens(
         self,
         inputs_embeds: torch.Tensor,
-        input_ids: torch.Tensor | None,
+        input_ids: torch.Tensor,
         image_mask: torch.Tensor,
         gen_mask: torch.Tensor,
         pixel_values: ImageInput | None,
@@ -1338,8 +1578,6 @@ class EmmaModel(EmmaPreTrainedModel):
                         f"input_ids hold {int(mask.sum())} placeholders (id {token_id}) but {argument} is None"
                     )
                 continue
-            if input_ids is None:
-                raise ValueError(f"{argument} needs input_ids with placeholders (id {token_id}) to place its tokens")
             # Counted from the shapes, so a mismatch is reported before either encoder runs.
             if argument == "pixel_values":
                 cell = self.config.image_grid_size
@@ -1570,6 +1808,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         pixel_values: ImageInput | None = None,
         vae_pixel_values: ImageInput | None = None,
+        image_grid_hw: torch.LongTensor | None = None,
     ) -> EmmaContext:
         """
         Encode a prompt (text and context images, ending where the generated image starts) into a KV cache once,
@@ -1588,6 +1827,7 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             pixel_values=pixel_values,
             vae_pixel_values=vae_pixel_values,
+            image_grid_hw=image_grid_hw,
             use_cache=True,
             return_dict=True,
         )
@@ -1613,10 +1853,16 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         gen_embeds = torch.stack(self.model.embed_noisy_latents(noisy_latents, torch.as_tensor(timesteps)))
         gen_embeds = gen_embeds.to(compute_dtype(self.get_input_embeddings()))
         device = gen_embeds.device
-        context_keys = context.attention_mask.to(device) != 0
-        keys = torch.cat([context_keys, torch.ones(batch, num_tokens, dtype=torch.bool, device=device)], dim=1)
-        mask = keys[:, None, None, :].expand(batch, 1, num_tokens, keys.shape[1])
-        mask = to_attention_implementation(mask, self.config.text_config._attn_implementation, gen_embeds.dtype)
+        # One gen block per row, seeing every context token (packed ids do not matter here) and itself.
+        context_keys = (context.attention_mask.to(device) != 0).long()
+        gen_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+        layout = KeyLayout.build(
+            gen_mask,
+            torch.zeros(batch, num_tokens, dtype=torch.long, device=device),
+            torch.cat([context_keys, gen_mask.long()], dim=1),
+            context_keys.shape[1],
+        )
+        mask = to_attention_implementation(layout, self.config.text_config._attn_implementation, gen_embeds.dtype)
         position_ids = context.next_position_ids.to(device)[:, None].expand(batch, num_tokens)
         hidden_states, _ = self.model.language_model(
             gen_embeds,
@@ -1628,20 +1874,52 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         velocity = self.velocity_head(hidden_states)
         return velocity.reshape(batch, height, width, channels).permute(0, 3, 1, 2)
 
+    def create_masks_for_generate(
+        self,
+        config: EmmaConfig,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor | None:
+        """
+        What generate() hands `forward` as the mask when the cache is static (transformers builds 4-D masks there):
+        EMMA's own 2-D segment ids, padded with 0 to the cache's room, so that every decode step has one shape and
+        compiles once. `forward` builds the attention mask from them.
+        """
+        cache = one_cache(cache, past_key_values)
+        if attention_mask is None or cache is None:
+            return attention_mask
+        num_keys = cache.get_mask_sizes(inputs_embeds.shape[1], 0)[0]
+        return F.pad(attention_mask, (0, num_keys - attention_mask.shape[1]))
+
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
-        if inputs_tensor.ndim != 2:
+        if inputs_tensor.ndim == 3:  # inputs_embeds: placeholders are where they equal their token's embedding
+            token_ids = self.model.placeholder_ids(inputs_tensor)
+        elif inputs_tensor.ndim == 2:
+            check_token_ids(inputs_tensor, self.get_input_embeddings().num_embeddings)
+            token_ids = inputs_tensor
+        else:
             return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
-        check_token_ids(inputs_tensor, self.get_input_embeddings().num_embeddings)
-        position_ids = emma_position_ids(inputs_tensor, model_kwargs.get("attention_mask"), self.config)
+        position_ids = emma_position_ids(token_ids, model_kwargs.get("attention_mask"), self.config)
         check_position_budget(position_ids, 0, self.config, "the prompt")
         return position_ids
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool | None = False, **kwargs):
+    def prepare_inputs_for_generation(
+        self,
+        *args,
+        inputs_embeds: torch.FloatTensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
         """
         The images go with the pass that fills an empty cache: the prompt's, also where transformers does not flag it
         as the first iteration (a draft model's prefill in assisted decoding); later passes read them from the cache.
         """
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        model_inputs = super().prepare_inputs_for_generation(
+            *args, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
         cache = kwargs.get(CACHE_NAME)
         prefill = is_first_iteration or cache is None or cache.get_seq_length() == 0
         for name in CONTEXT_IMAGE_INPUTS:
@@ -1665,11 +1943,21 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
     ):
         """Repeat each row's own images with the row (`num_return_sequences`, beams): images are not batched by row."""
         images = {name: kwargs.pop(name) for name in CONTEXT_IMAGE_INPUTS if kwargs.get(name) is not None}
+        for name in ("pixel_values", "vae_pixel_values"):
+            if name in images:
+                images[name] = unpack_images(
+                    images[name], images.get("image_grid_hw"), self.config.image_grid_size, name
+                )
+        # Rows without images (the processor's empty inputs) have nothing to repeat.
+        images = {name: value for name, value in images.items() if value is not None and len(value)}
+        token_ids = input_ids
+        if (input_ids is None or input_ids.shape[1] == 0) and kwargs.get("inputs_embeds") is not None:
+            token_ids = self.model.placeholder_ids(kwargs["inputs_embeds"])
         expanded_ids, kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **kwargs
         )
         if images and expand_size > 1:
-            counts = images_per_row(input_ids, self.config)
+            counts = images_per_row(token_ids, self.config)
             starts = [sum(counts[:row]) for row in range(len(counts))]
             order = [
                 start + i for start, count in zip(starts, counts) for _ in range(expand_size) for i in range(count)

@@ -749,6 +749,7 @@ class EmmaPipeline(DiffusionPipeline):
             inputs["attention_mask"].to(device),
             pixel_values=inputs.get("pixel_values"),
             vae_pixel_values=inputs.get("vae_pixel_values"),
+            image_grid_hw=inputs.get("image_grid_hw"),
         )
         num_conditions = len(texts) // len(prompts)
         rows = [

@@ -334,8 +334,10 @@ class EmmaImageProcessor(PilBackend):
     (`(H, W[, C])`), torch tensors (`(C, H, W)`; a 4-D tensor is a batch), file paths and http(s) URLs; uint8,
     uint16 or float in [0, 1]. Huge images are shrunk to the budget, tiny ones enlarged to it.
 
-    Images of one size come back stacked in one tensor; images of different sizes as a list of `(3, H, W)` tensors,
-    which the model accepts as is.
+    `pixel_values` and `vae_pixel_values` come packed, as Qwen2-VL lays images out: `(sum of h*w, 3*patch*patch)`,
+    one row per visual token, each image's tokens row-major, images in order; `image_grid_hw` splits them again.
+    One layout for any mix of sizes and counts, so batches (transformers' pipelines, collators) join rows by
+    concatenation. The model also takes images unpacked, as `(N, 3, H, W)` or a list of `(3, H, W)`.
     """
 
     do_resize = True
@@ -434,24 +436,24 @@ class EmmaImageProcessor(PilBackend):
             vae.append(pixels / 255.0 * 2.0 - 1.0)
             grids.append((height // patch_size, width // patch_size))
         data = {
-            "pixel_values": batch_images(siglip, return_tensors),
-            "vae_pixel_values": batch_images(vae, return_tensors),
-            "image_grid_hw": np.asarray(grids, dtype=np.int64),
+            "pixel_values": pack_images(siglip, patch_size),
+            "vae_pixel_values": pack_images(vae, patch_size),
+            "image_grid_hw": np.asarray(grids, dtype=np.int64).reshape(-1, 2),
         }
-        return BatchFeature(
-            data, tensor_type=return_tensors, skip_tensor_conversion=["pixel_values", "vae_pixel_values"]
-        )
+        return BatchFeature(data, tensor_type=return_tensors)
 
 
-def batch_images(images: list[np.ndarray], return_tensors: str | None):
-    """One stacked array when all images share a size, else a list; torch tensors when `return_tensors="pt"`."""
-    same_size = len({image.shape for image in images}) == 1
-    if return_tensors == "pt":
-        tensors = [torch.from_numpy(image) for image in images]
-        return torch.stack(tensors) if same_size else tensors
-    if return_tensors == "np" and same_size:
-        return np.stack(images)
-    return images
+def pack_images(images: list[np.ndarray], patch_size: int) -> np.ndarray:
+    """
+    `(C, H, W)` images -> one `(sum of h*w, C*patch*patch)` array: a row per visual token, each image's tokens
+    row-major, images in order. One array whatever the sizes, so batches of any image mix concatenate on rows.
+    """
+    rows = []
+    for image in images:
+        channels, height, width = image.shape
+        cells = image.reshape(channels, height // patch_size, patch_size, width // patch_size, patch_size)
+        rows.append(cells.transpose(1, 3, 0, 2, 4).reshape(-1, channels * patch_size * patch_size))
+    return np.concatenate(rows) if rows else np.zeros((0, 3 * patch_size * patch_size), dtype=np.float32)
 
 
 class EmmaProcessorKwargs(ProcessingKwargs, total=False):
@@ -467,7 +469,6 @@ class EmmaProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = EmmaProcessorKwargs
-    skip_tensor_conversion = ["pixel_values", "vae_pixel_values"]
     text_kwargs = {"padding": True, "padding_side": "left"}
 
     def __init__(
@@ -600,6 +601,22 @@ class EmmaProcessor(ProcessorMixin):
                     f"text holds {num_placeholders} {self.image_token} placeholders but {num_images} images were "
                     "passed; each image needs exactly one placeholder, in order"
                 )
+
+    def __call__(self, *args, **kwargs) -> BatchFeature:
+        """
+        transformers' processing. Text without images comes with empty image inputs (no rows) when tensors are
+        returned, so that rows with and without images batch together (transformers' pipelines need equal keys).
+        """
+        inputs = super().__call__(*args, **kwargs)
+        input_ids = inputs.get("input_ids")
+        tensor_type = (
+            "pt" if isinstance(input_ids, torch.Tensor) else "np" if isinstance(input_ids, np.ndarray) else None
+        )
+        if tensor_type is not None and "pixel_values" not in inputs:
+            empty = pack_images([], self.image_processor.patch_size)
+            no_images = {"pixel_values": empty, "vae_pixel_values": empty, "image_grid_hw": np.zeros((0, 2), np.int64)}
+            inputs.update(BatchFeature(no_images, tensor_type=tensor_type))
+        return inputs
 
     def _process_images(self, images, **kwargs) -> tuple[BatchFeature, list[str]]:
         processed = self.image_processor(images, **kwargs)

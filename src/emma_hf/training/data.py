@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..configuration_emma import EmmaConfig
-from ..modeling_emma import sample_flow_timesteps
+from ..modeling_emma import sample_flow_timesteps, unpack_images
 from ..processing_emma import (
     CHAT_TOKENS,
     EMMA_SPECIAL_TOKENS,
@@ -384,13 +384,16 @@ class EmmaCollator:
         if context_images:
             sizing = {} if self.context_size is None else {"size": self.context_size}
             processed = self.processor.image_processor(context_images, return_tensors="pt", **sizing)
-            batch["pixel_values"], batch["vae_pixel_values"] = processed["pixel_values"], processed["vae_pixel_values"]
+            for name in ("pixel_values", "vae_pixel_values", "image_grid_hw"):
+                batch[name] = processed[name]
             grids += processed["image_grid_hw"].prod(-1).tolist()
         target_grids = []
         if targets:
             processed = self.processor.image_processor(targets, return_tensors="pt")
-            batch["target_pixel_values"] = processed["vae_pixel_values"]
             target_grids = processed["image_grid_hw"].tolist()
+            patch_size = self.processor.image_processor.patch_size
+            images = unpack_images(processed["vae_pixel_values"], target_grids, patch_size, "targets")
+            batch["target_pixel_values"] = torch.stack(images) if len({i.shape for i in images}) == 1 else images
         ids, labels = self.tokenize(rows, grids, [rows_ * cols for rows_, cols in target_grids])
         length = max(len(row) for row in ids)
         pad_id = self.processor.tokenizer.pad_token_id

@@ -258,6 +258,19 @@ TRIGGERS: dict[str, Callable[[Path], object]] = {
         vae_pixel_values=torch.rand(3, 3072),
         image_grid_hw=torch.tensor([[2, 2]]),
     ),
+    "forward-integer-pixels": lambda tmp: model()(
+        input_ids=image_ids(4), pixel_values=(image() * 255).byte(), vae_pixel_values=image()
+    ),
+    "forward-numpy-pixels": lambda tmp: model()(
+        input_ids=image_ids(4), pixel_values=image().numpy(), vae_pixel_values=image()
+    ),
+    "forward-grid-negative": lambda tmp: model()(
+        input_ids=image_ids(4),
+        pixel_values=torch.rand(4, 3072),
+        vae_pixel_values=torch.rand(4, 3072),
+        image_grid_hw=torch.tensor([[-2, -2]]),
+    ),
+    "forward-embeds-shape": lambda tmp: model()(inputs_embeds=torch.zeros(1, 2, 10)),
     "forward-cache-twice": lambda tmp: model()(
         input_ids=image_ids(0), cache=DynamicCache(), past_key_values=DynamicCache()
     ),

@@ -93,6 +93,17 @@ def test_the_compiled_decode_step_is_one_graph_and_gives_the_eager_tokens(backen
     assert not counters["graph_break"]
 
 
+def test_a_compiled_forward_reads_a_prompt_with_an_image_as_eager_does():
+    """`torch.compile(model)` over a whole prompt (images, padding, EMMA's mask), with inductor's CPU code."""
+    model, processor = tiny_chat_model(seed=1)
+    batch = chat_batch(processor)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(**batch).logits
+        compiled = torch.compile(model)(**batch).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+
+
 def packed_and_padded(config) -> dict:
     """Row 0: two packed samples (text, context image, gen tokens; text, context image); row 1: left-padded text-to-image."""
     first = [5, 6, *image_span(config.image_token_id, config, 64, 32), 7, 8]

@@ -185,3 +185,17 @@ def test_inputs_embeds_with_images_give_what_input_ids_give(tiny):
         velocity = model(input_ids=ids, **drawing).velocity
         from_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), **drawing).velocity
     torch.testing.assert_close(from_embeds, velocity)
+
+
+def test_empty_image_inputs_are_no_images(tiny):
+    """Empty lists or packed tensors with no rows (the processor's text-only output) read as text alone."""
+    model, processor = tiny
+    text = processor(text=["a b"], return_tensors="pt")
+    assert text["pixel_values"].shape == (0, 3 * 32 * 32) and text["image_grid_hw"].shape == (0, 2)
+    with torch.no_grad():
+        alone = model(input_ids=text["input_ids"]).logits
+        for images in (
+            {"pixel_values": [], "vae_pixel_values": []},
+            {k: v for k, v in text.items() if k != "input_ids"},
+        ):
+            torch.testing.assert_close(model(input_ids=text["input_ids"], **images).logits, alone)

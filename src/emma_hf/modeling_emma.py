@@ -21,11 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import transformers
 from diffusers.models.autoencoders.autoencoder_dc import AutoencoderDC
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps, get_2d_sincos_pos_embed_from_grid
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from packaging import version
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
@@ -72,10 +70,6 @@ HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "lo
 CACHE_NAME = "cache" if "cache" in ALL_CACHE_NAMES else "past_key_values"
 # flex attention's block size: its `BlockMask` covers whole blocks of this many queries and keys.
 FLEX_BLOCK_SIZE = 128
-# transformers < 5.24 counts every loaded key that holds an adapter's name or "lora" as one of its missing keys, so
-# `load_adapter` reports another adapter's weights (and, for a short name, base weights) as MISSING; EMMA's
-# `load_adapter` reports by the name's own path segment, as later releases do.
-ADAPTER_REPORT_MISCOUNTS = version.parse(transformers.__version__) < version.parse("5.24")
 
 
 def one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -392,14 +386,25 @@ class KeyLayout:
         batch, num_queries = gen_mask.shape
         device = gen_mask.device
         query_index = torch.arange(num_queries, device=device) + past_length
-        slots = query_index.expand(batch, num_queries)
         key_shape = key_segment_ids.shape
+        if isinstance(past_length, int):
+            # Known on the host (prompts, dynamic caches): padding by slices, which inductor's CPU code generation
+            # compiles (torch 2.13 emits invalid C++ for the gather/scatter form within a whole-forward graph).
+            after = key_shape[1] - past_length - num_queries
+            query_segments = key_segment_ids[:, past_length : past_length + num_queries]
+            key_blocks = F.pad(block_ids, (past_length, after), value=-1)
+            key_gen = F.pad(gen_mask, (past_length, after), value=False)
+        else:
+            slots = query_index.expand(batch, num_queries)
+            query_segments = key_segment_ids.gather(1, slots)
+            key_blocks = torch.full(key_shape, -1, dtype=block_ids.dtype, device=device).scatter(1, slots, block_ids)
+            key_gen = torch.zeros(key_shape, dtype=torch.bool, device=device).scatter(1, slots, gen_mask)
         return cls(
             query_index=query_index,
             query_blocks=block_ids,
-            query_segments=key_segment_ids.gather(1, slots),
-            key_blocks=torch.full(key_shape, -1, dtype=block_ids.dtype, device=device).scatter(1, slots, block_ids),
-            key_gen=torch.zeros(key_shape, dtype=torch.bool, device=device).scatter(1, slots, gen_mask),
+            query_segments=query_segments,
+            key_blocks=key_blocks,
+            key_gen=key_gen,
             key_segments=key_segment_ids,
         )
 
@@ -569,13 +574,40 @@ def unpack_images(
     The processor's packed layout, `(sum of h*w, C*cell*cell)` with a row per visual token, back to a list of
     `(C, h*cell, w*cell)` images by `image_grid_hw`; no rows (text without images) -> None; other layouts as given.
     """
+    if images is None or (isinstance(images, (list, tuple)) and not images):
+        return None
+    if not isinstance(images, (torch.Tensor, list, tuple)):
+        raise TypeError(
+            f"{argument} must be a torch tensor or a list of tensors (the processor's return_tensors='pt'), got "
+            f"{type(images).__name__}"
+        )
+    for image in [images] if isinstance(images, torch.Tensor) else images:
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"{argument} must hold torch tensors, got a {type(image).__name__}")
+        if not image.is_floating_point():
+            raise TypeError(
+                f"{argument} must hold floating-point pixels, normalised as the processor returns them; got "
+                f"{image.dtype} (raw 0-255 images go through the processor)"
+            )
     if not isinstance(images, torch.Tensor) or images.ndim != 2:
         return images
     if images.shape[0] == 0:
         return None
     if image_grid_hw is None:
         raise ValueError(f"{argument} is packed (a row per visual token) and needs image_grid_hw to split it")
-    grids = torch.as_tensor(image_grid_hw).reshape(-1, 2).tolist()
+    grid = torch.as_tensor(image_grid_hw)
+    if (
+        grid.is_floating_point()
+        or grid.dtype == torch.bool
+        or grid.ndim != 2
+        or grid.shape[1] != 2
+        or (grid < 1).any()
+    ):
+        raise ValueError(
+            "image_grid_hw must be an integer (num_images, 2) tensor of token grids, each side at least 1, as the "
+            f"processor returns it; got {grid.tolist()} ({grid.dtype})"
+        )
+    grids = grid.tolist()
     channels, remainder = divmod(images.shape[1], cell * cell)
     if remainder or sum(rows * cols for rows, cols in grids) != images.shape[0]:
         raise ValueError(
@@ -1205,10 +1237,22 @@ class EmmaPreTrainedModel(PreTrainedModel):
             for name in written:
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
 
+    def is_adapter_weight(self, key: str, adapter_name: str) -> bool:
+        """Whether `key` names a tensor of adapter `adapter_name`: one a PEFT tuner layer holds under that name."""
+        tuner_attributes = {
+            attribute
+            for module in self.modules()
+            for attribute in (*getattr(module, "adapter_layer_names", ()), *getattr(module, "other_param_names", ()))
+        }
+        parts = key.split(".")
+        return any(name == adapter_name and parent in tuner_attributes for parent, name in zip(parts, parts[1:]))
+
     def load_adapter(self, peft_model_id: str | None = None, *args, use_safetensors: bool | None = None, **kwargs):
         """
         transformers' `load_adapter`, reading `adapter_model.safetensors` only unless `use_safetensors=False`: its
-        fallback to `adapter_model.bin` would unpickle (see [`from_pretrained`]).
+        fallback to `adapter_model.bin` would unpickle (see [`from_pretrained`]). Its load report lists as missing
+        only the new adapter's own tensors: transformers matches the adapter's name anywhere in a key (5.23: as a
+        substring), so other adapters' weights, or EMMA's `gen` stream for an adapter named "gen", were reported.
         """
         if peft_model_id is not None and use_safetensors is not False and kwargs.get("adapter_state_dict") is None:
             download = {**kwargs, **(kwargs.get("adapter_kwargs") or {})}
@@ -1230,8 +1274,6 @@ class EmmaPreTrainedModel(PreTrainedModel):
                 )
         if use_safetensors is not None:
             kwargs["use_safetensors"] = use_safetensors
-        if not ADAPTER_REPORT_MISCOUNTS:
-            return super().load_adapter(peft_model_id, *args, **kwargs)
         peft_logger = transformers_logging.get_logger("transformers.integrations.peft")
         level = peft_logger.level
         peft_logger.setLevel(transformers_logging.ERROR)
@@ -1241,7 +1283,9 @@ class EmmaPreTrainedModel(PreTrainedModel):
             peft_logger.setLevel(level)
         if loading_info is not None:
             adapter_name = (args[0] if args else kwargs.get("adapter_name")) or "default"
-            loading_info.missing_keys = {key for key in loading_info.missing_keys if adapter_name in key.split(".")}
+            loading_info.missing_keys = {
+                key for key in loading_info.missing_keys if self.is_adapter_weight(key, adapter_name)
+            }
             log_state_dict_report(
                 model=self,
                 pretrained_model_name_or_path=peft_model_id,
@@ -1450,6 +1494,14 @@ class EmmaModel(EmmaPreTrainedModel):
             raise ValueError("output_attentions is not supported: EMMA's attention runs through fused kernels")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        hidden_size = self.config.text_config.hidden_size
+        if inputs_embeds is not None and (
+            inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != hidden_size or not inputs_embeds.is_floating_point()
+        ):
+            raise ValueError(
+                f"inputs_embeds must be floating point (batch, seq, {hidden_size}) (text_config.hidden_size), got "
+                f"shape {tuple(inputs_embeds.shape)} ({inputs_embeds.dtype})"
+            )
         past_length = cached_length(cache)
         prompt = isinstance(past_length, int) and past_length == 0
         if prompt:

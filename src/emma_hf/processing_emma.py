@@ -604,15 +604,15 @@ class EmmaProcessor(ProcessorMixin):
 
     def __call__(self, *args, **kwargs) -> BatchFeature:
         """
-        transformers' processing. Text without images comes with empty image inputs (no rows) when tensors are
-        returned, so that rows with and without images batch together (transformers' pipelines need equal keys).
+        transformers' processing. Text without images comes with empty image inputs (no rows), so that rows with and
+        without images batch together (transformers' pipelines need equal keys).
         """
         inputs = super().__call__(*args, **kwargs)
         input_ids = inputs.get("input_ids")
         tensor_type = (
             "pt" if isinstance(input_ids, torch.Tensor) else "np" if isinstance(input_ids, np.ndarray) else None
         )
-        if tensor_type is not None and "pixel_values" not in inputs:
+        if input_ids is not None and "pixel_values" not in inputs:
             empty = pack_images([], self.image_processor.patch_size)
             no_images = {"pixel_values": empty, "vae_pixel_values": empty, "image_grid_hw": np.zeros((0, 2), np.int64)}
             inputs.update(BatchFeature(no_images, tensor_type=tensor_type))

@@ -17,7 +17,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -140,11 +140,14 @@ class EmmaContext:
     cache: KV cache of the prompt. It is only read by [`EmmaForConditionalGeneration.predict_velocity`].
     attention_mask: `(batch_size, context_length)`, 0 on padding.
     next_position_ids: `(batch_size,)`, the RoPE index that the generated image's tokens share.
+    step_masks: the attention mask of a denoising step, by gen-token count, attention implementation, dtype and
+        device: the same for every step against this context, so built once.
     """
 
     cache: DynamicCache
     attention_mask: torch.Tensor
     next_position_ids: torch.Tensor
+    step_masks: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -1237,15 +1240,19 @@ class EmmaPreTrainedModel(PreTrainedModel):
             for name in written:
                 os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
 
-    def is_adapter_weight(self, key: str, adapter_name: str) -> bool:
-        """Whether `key` names a tensor of adapter `adapter_name`: one a PEFT tuner layer holds under that name."""
+    def adapter_keys(self, keys: set[str], adapter_name: str) -> set[str]:
+        """The `keys` naming tensors of adapter `adapter_name`: those a PEFT tuner layer holds under that name."""
         tuner_attributes = {
             attribute
             for module in self.modules()
             for attribute in (*getattr(module, "adapter_layer_names", ()), *getattr(module, "other_param_names", ()))
         }
-        parts = key.split(".")
-        return any(name == adapter_name and parent in tuner_attributes for parent, name in zip(parts, parts[1:]))
+
+        def owned(key: str) -> bool:
+            parts = key.split(".")
+            return any(name == adapter_name and parent in tuner_attributes for parent, name in zip(parts, parts[1:]))
+
+        return {key for key in keys if owned(key)}
 
     def load_adapter(self, peft_model_id: str | None = None, *args, use_safetensors: bool | None = None, **kwargs):
         """
@@ -1283,9 +1290,7 @@ class EmmaPreTrainedModel(PreTrainedModel):
             peft_logger.setLevel(level)
         if loading_info is not None:
             adapter_name = (args[0] if args else kwargs.get("adapter_name")) or "default"
-            loading_info.missing_keys = {
-                key for key in loading_info.missing_keys if self.is_adapter_weight(key, adapter_name)
-            }
+            loading_info.missing_keys = self.adapter_keys(loading_info.missing_keys, adapter_name)
             log_state_dict_report(
                 model=self,
                 pretrained_model_name_or_path=peft_model_id,
@@ -1905,16 +1910,20 @@ class EmmaForConditionalGeneration(EmmaPreTrainedModel, GenerationMixin):
         gen_embeds = torch.stack(self.model.embed_noisy_latents(noisy_latents, torch.as_tensor(timesteps)))
         gen_embeds = gen_embeds.to(compute_dtype(self.get_input_embeddings()))
         device = gen_embeds.device
-        # One gen block per row, seeing every context token (packed ids do not matter here) and itself.
-        context_keys = (context.attention_mask.to(device) != 0).long()
-        gen_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
-        layout = KeyLayout.build(
-            gen_mask,
-            torch.zeros(batch, num_tokens, dtype=torch.long, device=device),
-            torch.cat([context_keys, gen_mask.long()], dim=1),
-            context_keys.shape[1],
-        )
-        mask = to_attention_implementation(layout, self.config.text_config._attn_implementation, gen_embeds.dtype)
+        implementation = self.config.text_config._attn_implementation
+        mask_key = (num_tokens, implementation, gen_embeds.dtype, device)
+        if mask_key not in context.step_masks:
+            # One gen block per row, seeing every context token (packed ids do not matter here) and itself.
+            context_keys = (context.attention_mask.to(device) != 0).long()
+            gen_mask = torch.ones(batch, num_tokens, dtype=torch.bool, device=device)
+            layout = KeyLayout.build(
+                gen_mask,
+                torch.zeros(batch, num_tokens, dtype=torch.long, device=device),
+                torch.cat([context_keys, gen_mask.long()], dim=1),
+                context_keys.shape[1],
+            )
+            context.step_masks[mask_key] = to_attention_implementation(layout, implementation, gen_embeds.dtype)
+        mask = context.step_masks[mask_key]
         position_ids = context.next_position_ids.to(device)[:, None].expand(batch, num_tokens)
         hidden_states, _ = self.model.language_model(
             gen_embeds,
